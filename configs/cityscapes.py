@@ -1,0 +1,52 @@
+"""Cityscapes, the published DGCL recipe on the CPS split lists (REFERENCE.md sections 2-3).
+
+Use: --config=configs/cityscapes.py:372 (splits 186, 372, 744, 1488); append ',u2pl' for the
+other lists common in the field, e.g. --config=configs/cityscapes.py:372,u2pl.
+"""
+
+import os
+
+from dgcl_jax import config_base
+
+SPLITS = ("186", "372", "744", "1488")
+_SPLIT_ROOT = os.path.join(os.path.dirname(config_base.__file__), "splits")
+
+
+def get_config(arg: str = "372"):
+  parts = [p for p in str(arg or "372").split(",") if p]
+  split = parts[0] if parts else "372"
+  family = "cityscapes-u2pl" if "u2pl" in parts[1:] else "cityscapes"
+  if split not in SPLITS:
+    raise ValueError(f"configs/cityscapes.py: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+  config = config_base.base_config()
+  config.method = "dgcl"
+  config.num_epochs = 200
+  config.sup_only_epochs = 10
+  config.batch_size = 16        # 8 devices x 2 in the reference
+  config.num_slices = 8
+  config.checkpoint_every_steps = 1000
+
+  m = config.model
+  m.depth = 101
+  m.num_classes = 19
+  m.replace_stride_with_dilation = (False, True, True)    # output stride 8
+  m.aspp_dilations = (12, 24, 36)
+  m.aux = True
+  m.zero_init_residual = True
+
+  d = config.data
+  d.name = "cityscapes"
+  d.root = "data/cityscapes"
+  d.labeled_list = os.path.join(_SPLIT_ROOT, family, split, "labeled.txt")
+  d.unlabeled_list = os.path.join(_SPLIT_ROOT, family, split, "unlabeled.txt")
+  d.val_list = os.path.join(_SPLIT_ROOT, family, "val.txt")
+  d.num_classes = 19
+  d.crop_size = 769
+  d.val_crop_size = 800
+  d.class_names = config_base.CITYSCAPES_CLASSES
+
+  config.optim.base_lr = 0.01
+  config.optim.decoder_lr_mult = 1.0
+  config.loss.ohem = True
+  config.loss.aux_weight = 0.4
+  return config

@@ -1,0 +1,208 @@
+"""The base configuration every config file starts from, and its validation.
+
+Config files in `configs/` call `base_config()` and change what differs. Every field
+a run may read is declared here, so a misspelled field is caught by `validate`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PASCAL_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+    "bicycle")
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """DeepLabV3+ on a deep-stem ResNet (REFERENCE.md section 1); Pascal defaults."""
+  m = ml_collections.ConfigDict()
+  m.depth = 101                 # 50, 101, or 14 (the small test variant: one block per stage)
+  m.base_width = 64             # stage widths base x (1, 2, 4, 8); stem 64/64/128 scale with it
+  m.num_classes = 21
+  m.replace_stride_with_dilation = (False, False, True)   # output stride 16
+  m.multi_grid = True           # stage-4 grids (2, 2, 4)
+  m.aspp_dilations = (6, 12, 18)
+  m.decoder_channels = 256      # ASPP branches, head, classifier width (= fts dim)
+  m.low_level_channels = 48
+  m.rep_dim = 256               # representation head output
+  m.aux = False                 # auxiliary head on stage 3 (Cityscapes)
+  m.zero_init_residual = False
+  m.dropout_rate = 0.1          # channel dropout
+  m.bn_momentum = 0.9           # Flax convention (= PyTorch 0.1)
+  m.bn_epsilon = 1e-5
+  m.dtype = "float32"           # compute dtype of the student: float32 or bfloat16
+  m.pretrained = ""             # orbax checkpoint directory written by scripts/convert_torch_checkpoint.py
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "dgcl"             # supervised | self_training | dgcl
+  c.seed = 0
+  c.num_epochs = 80
+  c.sup_only_epochs = 1
+  c.batch_size = 16             # global labeled batch; the unlabeled batch is the same size
+  c.num_slices = 4              # the reference's device count W: per-slice statistics (REFERENCE.md s.3)
+  c.steps_per_epoch = -1        # -1: floor(ceil(n_sup / num_slices) / (batch_size / num_slices))
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.eval_every_epochs = 1
+  c.log_every_steps = 20
+  c.image_summary_every_steps = 0   # 0: only at evaluation
+  c.num_eval_images_logged = 3
+
+  c.model = model_config()
+
+  d = c.data = ml_collections.ConfigDict()
+  d.name = "pascal"             # pascal | cityscapes | custom | tfds | synthetic
+  d.root = ""
+  d.labeled_list = ""
+  d.unlabeled_list = ""
+  d.val_list = ""
+  d.num_classes = 21
+  d.ignore_label = 255
+  d.crop_size = 513
+  d.val_crop_size = 513
+  d.rescale_range = (0.5, 2.0)
+  d.mean = (123.675, 116.28, 103.53)
+  d.std = (58.395, 57.12, 57.375)
+  d.num_workers = -1            # -1: sized to the machine; 0: read in the main process
+  d.prefetch_buffer_size = 2
+  d.class_names = PASCAL_CLASSES
+  # custom layout
+  d.image_dir = "JPEGImages"
+  d.mask_dir = "SegmentationClassAug"
+  d.image_ext = ".jpg"
+  d.mask_ext = ".png"
+  # tfds
+  d.tfds_name = ""
+  d.tfds_data_dir = ""
+  d.tfds_train_split = "train"
+  d.tfds_val_split = "validation"
+  d.tfds_image_key = "image"
+  d.tfds_label_key = "segmentation_mask"
+  d.tfds_num_labeled = 0
+  # synthetic
+  d.synthetic_num_labeled = 16
+  d.synthetic_num_unlabeled = 256
+  d.synthetic_num_val = 64
+  d.synthetic_image_size = 64
+
+  o = c.optim = ml_collections.ConfigDict()
+  o.base_lr = 0.001
+  o.decoder_lr_mult = 10.0      # Pascal only; 1 for Cityscapes
+  o.momentum = 0.9
+  o.weight_decay = 1e-4
+  o.poly_power = 0.9
+
+  l = c.loss = ml_collections.ConfigDict()
+  l.unsup_weight = 0.5
+  l.contrastive_weight = 0.5
+  l.contrastive_grad_quirk = True   # gradient weight 0.5/W as the reference (s.3 step 9); False: 0.5
+  l.aux_weight = 0.4
+  l.ohem = False
+  l.ohem_thresh = 0.7
+  l.ohem_min_kept = 100000
+  l.drop_percent = 20.0         # r: pseudo-label entropy filter at crop size
+  l.contrastive_percent = 80.0  # a: low-entropy share for contrastive labels, floor 10
+  l.contrastive_percent_min = 10.0
+  l.unsup_scale_quirk = True    # multiply the mean by B*H*W / valid (s.3 step 6); False: plain mean
+  l.cutmix_prob = 0.5
+  l.quantile_method = "sort"    # sort (numpy linear) | histogram
+
+  g = c.dgcl = ml_collections.ConfigDict()
+  g.temperature = 0.5
+  g.ks = (8, 16, 32)
+  g.num_anchors = 200
+  g.num_positives = 50
+  g.max_pixels = 10000
+  g.num_negatives = 512
+  g.bank_capacity = 10000
+  g.max_new_per_class = 1000
+  g.density_min_entries = 1000
+  g.ignore_classes = (0,)
+
+  e = c.ema = ml_collections.ConfigDict()
+  e.decay = 0.999
+  e.first_epoch_reset = True    # quirk s.3 step 11: teacher := student through the first semi epoch
+  return c
+
+
+_METHODS = ("supervised", "self_training", "dgcl")
+_DATASETS = ("pascal", "cityscapes", "custom", "tfds", "synthetic")
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot run."""
+
+
+def _check_keys(cfg, ref, prefix=""):
+  for key in cfg.keys():
+    name = f"{prefix}{key}"
+    if key not in ref:
+      raise ConfigError(f"unknown config field '{name}' (misspelled? see dgcl_jax/config_base.py)")
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ConfigError(f"config field '{name}' must be a group of fields")
+      _check_keys(cfg[key], ref[key], name + ".")
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Raises ConfigError with one line naming the field if `config` cannot run."""
+  _check_keys(config, base_config())
+  if config.method not in _METHODS:
+    raise ConfigError(f"config.method={config.method!r}: expected one of {_METHODS}")
+  if config.data.name not in _DATASETS:
+    raise ConfigError(f"config.data.name={config.data.name!r}: expected one of {_DATASETS}")
+  positive = {
+      "batch_size": config.batch_size, "num_slices": config.num_slices, "num_epochs": config.num_epochs,
+      "checkpoint_every_steps": config.checkpoint_every_steps, "log_every_steps": config.log_every_steps,
+      "data.crop_size": config.data.crop_size, "data.val_crop_size": config.data.val_crop_size,
+      "data.num_classes": config.data.num_classes, "model.num_classes": config.model.num_classes,
+      "optim.base_lr": config.optim.base_lr, "dgcl.bank_capacity": config.dgcl.bank_capacity,
+      "dgcl.temperature": config.dgcl.temperature,
+  }
+  for name, value in positive.items():
+    if not value > 0:
+      raise ConfigError(f"config.{name}={value}: must be positive")
+  non_negative = {
+      "sup_only_epochs": config.sup_only_epochs, "optim.weight_decay": config.optim.weight_decay,
+      "optim.momentum": config.optim.momentum, "optim.decoder_lr_mult": config.optim.decoder_lr_mult,
+      "loss.unsup_weight": config.loss.unsup_weight, "loss.contrastive_weight": config.loss.contrastive_weight,
+      "loss.aux_weight": config.loss.aux_weight, "loss.drop_percent": config.loss.drop_percent,
+      "loss.contrastive_percent": config.loss.contrastive_percent, "loss.cutmix_prob": config.loss.cutmix_prob,
+      "eval_every_epochs": config.eval_every_epochs,
+  }
+  for name, value in non_negative.items():
+    if value < 0:
+      raise ConfigError(f"config.{name}={value}: must not be negative")
+  if not 0.0 <= config.ema.decay <= 1.0:
+    raise ConfigError(f"config.ema.decay={config.ema.decay}: must lie in [0, 1]")
+  if config.loss.cutmix_prob > 1.0:
+    raise ConfigError(f"config.loss.cutmix_prob={config.loss.cutmix_prob}: must lie in [0, 1]")
+  if config.sup_only_epochs > config.num_epochs:
+    raise ConfigError(f"config.sup_only_epochs={config.sup_only_epochs} exceeds config.num_epochs={config.num_epochs}")
+  if config.model.num_classes != config.data.num_classes:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes} differs from "
+                      f"config.data.num_classes={config.data.num_classes}")
+  if config.batch_size % config.num_slices:
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by config.num_slices={config.num_slices}")
+  if num_devices is not None and config.batch_size % num_devices:
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices")
+  if config.model.depth not in (14, 50, 101):
+    raise ConfigError(f"config.model.depth={config.model.depth}: expected 14, 50 or 101")
+  if config.loss.quantile_method not in ("sort", "histogram"):
+    raise ConfigError(f"config.loss.quantile_method={config.loss.quantile_method!r}: expected sort or histogram")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected float32, bfloat16 or float16")
+  if config.data.crop_size < 32:
+    raise ConfigError(f"config.data.crop_size={config.data.crop_size}: must be at least 32")
+  if config.dgcl.num_negatives < 1 or config.dgcl.num_anchors < 1 or config.dgcl.num_positives < 1:
+    raise ConfigError("config.dgcl.num_anchors, num_positives and num_negatives must be positive")
+  if max(config.dgcl.ks) > config.dgcl.bank_capacity:
+    raise ConfigError(f"config.dgcl.ks={tuple(config.dgcl.ks)}: largest k exceeds dgcl.bank_capacity")

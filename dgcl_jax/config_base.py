@@ -108,8 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   l.ohem = False
   l.ohem_thresh = 0.7
   l.ohem_min_kept = 100000
-  l.drop_percent = 20.0         # r: pseudo-label entropy filter at crop size
-  l.contrastive_percent = 80.0  # a: low-entropy share for contrastive labels, floor 10
+  l.drop_percent = 20.0         # r: pseudo labels with entropy >= the (100 - r(1-p))th percentile -> 255
+  l.contrastive_percent = 80.0  # a: contrastive labels with entropy >= the (100 - a_p)th percentile -> 255,
+                                #    a_p = max(a (1 - p), floor): at p = 0 only the 20% most certain remain
   l.contrastive_percent_min = 10.0
   l.unsup_scale_quirk = True    # multiply the mean by B*H*W / valid (s.3 step 6); False: plain mean
   l.cutmix_prob = 0.5

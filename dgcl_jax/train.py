@@ -1,0 +1,539 @@
+"""Training: the TrainState, one jit-compiled `train_step` over a device mesh, and the loop.
+
+Data parallelism is GSPMD: `train_step` is written for the GLOBAL batch and jit-compiled
+with the batch sharded over the mesh's 'data' axis and the state replicated. So BatchNorm
+statistics (student and teacher) are over the global batch, as the reference's SyncBN, and
+the memory bank is updated from all devices' features and stays replicated.
+
+The reference computes some statistics per device (REFERENCE.md section 3, "Per-device
+statistics"): the entropy quantiles, CutMix pairing, OHEM, the unsupervised normalization
+and the contrastive loss. Here the global batch is cut into `config.num_slices` slices
+(default: the reference's device count) and those pieces are `vmap`ped over slices, so the
+numbers do not depend on how many devices run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from dgcl_jax import checkpointing
+from dgcl_jax import config_base
+from dgcl_jax import dgcl
+from dgcl_jax import evaluation
+from dgcl_jax import losses
+from dgcl_jax import models
+from dgcl_jax import schedules
+from dgcl_jax import summaries
+from dgcl_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly: checkpointed whole."""
+  step: jax.Array                 # int32 [], optimizer steps taken
+  params: Any                     # student parameters
+  batch_stats: Any                # student BN running statistics
+  teacher_params: Any             # EMA of the student's parameters
+  teacher_batch_stats: Any        # the teacher's own BN statistics (never averaged)
+  opt_state: Any
+  memory_bank: dgcl.MemoryBank
+  rng: jax.Array                  # raw uint32 [2] key; step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def teacher_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The teacher runs in float32 whatever the student's compute dtype (REFERENCE s.3)."""
+  cfg = ml_collections.ConfigDict(model_config.to_dict())
+  cfg.dtype = "float32"
+  return cfg
+
+
+def max_iterations(config, steps_per_epoch: int) -> int:
+  return int(config.num_epochs) * int(steps_per_epoch)
+
+
+def _init_variables(module, rng, crop: int):
+  dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
+  variables = module.init({"params": rng, "dropout": rng}, dummy, train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(config, rng: jax.Array, *, load_pretrained: bool = True) -> TrainState:
+  """Initial state: student and teacher initialized separately, empty memory bank."""
+  student = models.build(config.model)
+  teacher = models.build(teacher_model_config(config.model))
+  steps = pipeline.steps_per_epoch(config)
+  optimizer = schedules.make_optimizer(config, max_iterations(config, steps))
+  init_crop = 65  # any size works for init; small keeps it cheap
+  student_rng, teacher_rng, state_rng = jax.random.split(rng, 3)
+  student_vars = _init_variables(student, student_rng, init_crop)
+  teacher_vars = _init_variables(teacher, teacher_rng, init_crop)
+  if load_pretrained and config.model.pretrained:
+    from dgcl_jax import convert  # pylint: disable=g-import-not-at-top
+    student_vars = convert.load_pretrained(config.model.pretrained, student_vars)
+    teacher_vars = convert.load_pretrained(config.model.pretrained, teacher_vars)
+  if config.method == "dgcl":
+    bank = dgcl.MemoryBank.create(config.model.num_classes, config.dgcl.bank_capacity,
+                                  config.model.decoder_channels, config.model.rep_dim)
+  else:  # keeps the state's structure uniform at negligible cost
+    bank = dgcl.MemoryBank.create(config.model.num_classes, 1, 1, 1)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=student_vars["params"], batch_stats=student_vars["batch_stats"],
+      teacher_params=teacher_vars["params"], teacher_batch_stats=teacher_vars["batch_stats"],
+      opt_state=optimizer.init(student_vars["params"]),
+      memory_bank=bank, rng=state_rng)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def dgcl_loss_kwargs(config) -> dict[str, Any]:
+  """Keyword arguments of `dgcl.dgcl_loss` from the config."""
+  g = config.dgcl
+  return dict(temperature=g.temperature, ks=tuple(g.ks), num_anchors=g.num_anchors,
+              num_positives=g.num_positives, max_pixels=g.max_pixels, num_negatives=g.num_negatives,
+              ignore_classes=tuple(g.ignore_classes), ignore_label=config.data.ignore_label)
+
+
+def _slices(x, num_slices: int):
+  """[B, ...] -> [S, B / S, ...]: slice s holds the rows of reference device s."""
+  return x.reshape((num_slices, x.shape[0] // num_slices) + x.shape[1:])
+
+
+def _unslice(x):
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _scaled_gradient(value, scale):
+  """`value` in the forward pass, `scale` x its gradient in the backward pass."""
+  return jax.lax.stop_gradient(value) + scale * (value - jax.lax.stop_gradient(value))
+
+
+class StepFunctions:
+  """Static parts of training (modules, optimizer, schedules) and the jitted step functions."""
+
+  def __init__(self, config, mesh: Mesh, steps_per_epoch: int):
+    self.config = config
+    self.mesh = mesh
+    self.steps_per_epoch = int(steps_per_epoch)
+    self.max_iter = max_iterations(config, steps_per_epoch)
+    self.student = models.build(config.model)
+    self.teacher = models.build(teacher_model_config(config.model))
+    self.optimizer = schedules.make_optimizer(config, self.max_iter)
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, P("data"))
+    self.train_step = jax.jit(self._train_step, static_argnames=("semi",), donate_argnums=(0,))
+    self.eval_step = jax.jit(self._eval_step, static_argnames=("use_teacher",))
+
+  # -- helpers --------------------------------------------------------------
+
+  def _student_forward(self, params, batch_stats, images, rng):
+    out, mutated = self.student.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs={"dropout": rng})
+    return out, mutated["batch_stats"]
+
+  def _teacher_forward(self, params, batch_stats, images, rng):
+    out, mutated = self.teacher.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs={"dropout": rng})
+    out = jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), out)
+    return out, mutated["batch_stats"]
+
+  def _supervised_loss(self, pred, aux, labels):
+    """Per-slice supervised loss (OHEM is per device in the reference), averaged over slices."""
+    cfg, s = self.config, self.config.num_slices
+    fn = functools.partial(losses.supervised_loss, ohem=cfg.loss.ohem, aux_weight=cfg.loss.aux_weight,
+                           thresh=cfg.loss.ohem_thresh, min_kept=cfg.loss.ohem_min_kept)
+    if aux is None:
+      per_slice = jax.vmap(lambda p, l: fn(p, l, aux_logits=None))(_slices(pred, s), _slices(labels, s))
+    else:
+      per_slice = jax.vmap(lambda p, a, l: fn(p, l, aux_logits=a))(
+          _slices(pred, s), _slices(aux, s), _slices(labels, s))
+    return jnp.mean(per_slice)
+
+  def progress(self, step):
+    """Epoch progress p of the schedules (REFERENCE s.3), from the traced step."""
+    cfg = self.config
+    epoch = step // self.steps_per_epoch
+    return schedules.epoch_progress(epoch, cfg.num_epochs, cfg.sup_only_epochs)
+
+  # -- the training step ----------------------------------------------------
+
+  def _train_step(self, state: TrainState, batch: dict[str, jax.Array], semi: bool):
+    """One optimizer step on the global batch.
+
+    batch: 'labeled_image' [B, H, W, 3], 'labeled_label' [B, H, W], 'unlabeled_image'
+    [B, H, W, 3], 'unlabeled_ignore' [B, H, W] (255 = padding). `semi` (static) selects the
+    supervised-epoch step or the semi-supervised one.
+    """
+    cfg = self.config
+    s = cfg.num_slices
+    method = cfg.method
+    semi = semi and method != "supervised"
+    keys = jax.random.split(jax.random.fold_in(state.rng, state.step), 8)
+    k_teacher, k_student, k_cutmix, k_contrast, k_bank = keys[:5]
+    labeled = batch["labeled_image"]
+    labels = batch["labeled_label"]
+    b = labeled.shape[0]
+    step = state.step
+    p = self.progress(step)
+
+    teacher_params = state.teacher_params
+    if semi and cfg.ema.first_epoch_reset:
+      # Quirk (REFERENCE s.3 step 11): through the first semi-supervised epoch the teacher's
+      # parameters are overwritten by the student's at the start of every step.
+      reset = schedules.teacher_reset_active(step, self.steps_per_epoch, cfg.sup_only_epochs)
+      teacher_params = jax.tree_util.tree_map(lambda t, st: jnp.where(reset, st, t),
+                                              teacher_params, state.params)
+
+    if not semi:
+      # Supervised epochs: the teacher runs on the labeled batch only to update its BN stats.
+      _, teacher_batch_stats = self._teacher_forward(teacher_params, state.teacher_batch_stats,
+                                                     labeled, k_teacher)
+
+      def loss_fn(params):
+        out, new_stats = self._student_forward(params, state.batch_stats, labeled, k_student)
+        sup = self._supervised_loss(out["pred"], out.get("aux"), labels)
+        return sup, (new_stats, {"sup": sup})
+
+      (total, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      metrics["unsup"] = jnp.zeros(())
+      metrics["contrastive"] = jnp.zeros(())
+      bank = state.memory_bank
+      summary = {}
+    else:
+      unlabeled = batch["unlabeled_image"]
+      ignore = batch["unlabeled_ignore"]
+      crop_h, crop_w = labeled.shape[1:3]
+      # 1. Teacher on [labeled; unlabeled], training mode, float32, no gradient.
+      t_out, teacher_batch_stats = self._teacher_forward(
+          teacher_params, state.teacher_batch_stats, jnp.concatenate([labeled, unlabeled]), k_teacher)
+      t_logits_u = t_out["pred"][b:]
+      # 2. Pseudo labels at crop size, entropy filtered per slice.
+      drop = schedules.drop_percent(p, cfg.loss.drop_percent)
+      pseudo = jax.vmap(functools.partial(losses.pseudo_labels, method=cfg.loss.quantile_method),
+                        in_axes=(0, 0, None))(_slices(t_logits_u, s), _slices(ignore, s), drop)
+      # 3. CutMix within each slice.
+      mix_keys = jax.random.split(k_cutmix, s)
+      mixed_images, mixed_pseudo, mixed_ignore = jax.vmap(
+          functools.partial(losses.cutmix, prob=cfg.loss.cutmix_prob))(
+              mix_keys, _slices(unlabeled, s), pseudo, _slices(ignore, s))
+      mixed_images, mixed_pseudo, mixed_ignore = map(_unslice, (mixed_images, mixed_pseudo, mixed_ignore))
+      # 7. Contrastive labels at feature resolution (unmixed unlabeled images).
+      use_dgcl = method == "dgcl"
+      if use_dgcl:
+        percent = schedules.contrastive_percent(p, cfg.loss.contrastive_percent,
+                                                cfg.loss.contrastive_percent_min)
+        contrast_labels = jax.vmap(
+            functools.partial(losses.contrastive_labels, method=cfg.loss.quantile_method),
+            in_axes=(0, 0, 0, None))(_slices(labels, s), _slices(t_logits_u, s), _slices(ignore, s), percent)
+      bank_full = state.memory_bank.is_full()
+      grad_scale = (1.0 / s) if cfg.loss.contrastive_grad_quirk else 1.0
+
+      def loss_fn(params):
+        # 4. One student forward on [labeled; unlabeled; mixed unlabeled].
+        images = jnp.concatenate([labeled, unlabeled, mixed_images]).astype(
+            jnp.dtype(cfg.model.dtype))
+        out, new_stats = self._student_forward(params, state.batch_stats, images, k_student)
+        pred = out["pred"]
+        aux = out.get("aux")
+        # 5. Supervised loss on the labeled part.
+        sup = self._supervised_loss(pred[:b], None if aux is None else aux[:b], labels)
+        # 6. Unsupervised loss on the mixed part, per slice (quirky normalization).
+        def unsup_one(logits, target, ign):
+          logits = losses.resize_logits(logits, (crop_h, crop_w))
+          return losses.unsup_cross_entropy(logits, target, ign, scale_quirk=cfg.loss.unsup_scale_quirk)
+        unsup = jnp.mean(jax.vmap(unsup_one)(_slices(pred[2 * b:], s), _slices(mixed_pseudo, s),
+                                             _slices(mixed_ignore, s)))
+        total = sup + cfg.loss.unsup_weight * unsup
+        contrastive = jnp.zeros(())
+        fts_lu = rep_lu = None
+        if use_dgcl:
+          # 8. Density-guided contrastive loss per slice, once the bank is full.
+          fts_lu = out["fts"][:2 * b].astype(jnp.float32)
+          rep_lu = out["rep"][:2 * b].astype(jnp.float32)
+          rep_s = jnp.concatenate([_slices(rep_lu[:b], s), _slices(rep_lu[b:], s)], axis=1)
+          fts_s = jnp.concatenate([_slices(fts_lu[:b], s), _slices(fts_lu[b:], s)], axis=1)
+          loss_keys = jax.random.split(k_contrast, s)
+
+          def contrast(args):
+            rep_s, fts_s = args
+            per_slice = dgcl.dgcl_loss_slices(
+                rep_s, fts_s, contrast_labels, state.memory_bank, loss_keys, **dgcl_loss_kwargs(cfg))
+            return jnp.mean(per_slice)
+
+          contrastive = jax.lax.cond(bank_full, contrast, lambda _: jnp.zeros(()), (rep_s, fts_s))
+          # 9. Quirk: the contrastive gradient weight is 0.5 / W of the slice mean (REFERENCE s.3).
+          total = total + cfg.loss.contrastive_weight * _scaled_gradient(contrastive, grad_scale)
+        metrics = {"sup": sup, "unsup": unsup, "contrastive": contrastive}
+        return total, (new_stats, metrics, fts_lu, rep_lu)
+
+      (total, (new_stats, metrics, fts_lu, rep_lu)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
+      bank = state.memory_bank
+      if use_dgcl:
+        # 10. Memory bank update from the whole global batch's features and contrastive labels.
+        g = cfg.dgcl
+        # Bank labels in [labeled (all slices); unlabeled (all slices)] order, as fts_lu.
+        bank_labels = jnp.concatenate([_unslice(contrast_labels[:, :b // s]),
+                                       _unslice(contrast_labels[:, b // s:])])
+        bank = bank.update(jax.lax.stop_gradient(fts_lu), jax.lax.stop_gradient(rep_lu), bank_labels,
+                           k_bank, max_new_per_class=g.max_new_per_class,
+                           density_min_entries=g.density_min_entries, ks=tuple(g.ks))
+      summary = {"unlabeled_image": unlabeled[:1], "pseudo_label": pseudo[0, :1]}
+      metrics["bank_full"] = bank_full.astype(jnp.float32)
+
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if semi:
+      # 11. EMA of parameters only (BN statistics are not averaged).
+      decay = schedules.ema_decay(step, self.steps_per_epoch, cfg.sup_only_epochs, cfg.ema.decay)
+      teacher_params = schedules.ema_update(teacher_params, params, decay)
+    metrics["total"] = total
+    metrics["lr"] = schedules.poly_lr(cfg.optim.base_lr, self.max_iter, cfg.optim.poly_power)(step)
+    new_state = state.replace(
+        step=step + 1, params=params, batch_stats=new_stats, teacher_params=teacher_params,
+        teacher_batch_stats=teacher_batch_stats, opt_state=opt_state, memory_bank=bank)
+    return new_state, metrics, summary
+
+  # -- evaluation -----------------------------------------------------------
+
+  def _eval_step(self, state: TrainState, images, labels, use_teacher: bool):
+    """Confusion matrix [K, K] (rows: truth) of one batch, logits resized to the label size."""
+    if use_teacher:
+      variables = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
+      module = self.teacher
+    else:
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      module = self.student
+    return evaluation.confusion_from_model(module, variables, images, labels,
+                                           self.config.model.num_classes)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded over 'data'."""
+  n = jax.process_count()
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,) + v.shape[1:])
+          for k, v in local.items()}
+
+
+class _Preempted:
+  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not in the main thread
+      pass
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.requested = True
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def evaluate_state(fns: StepFunctions, state: TrainState, config, use_teacher: bool):
+  """mIoU and per-class IoU of student or teacher on the validation set (center crops)."""
+  conf = np.zeros((config.model.num_classes,) * 2, np.int64)
+  batch_size = max(jax.device_count(), config.batch_size // max(1, config.num_slices))
+  batch_size = int(math.ceil(batch_size / jax.device_count()) * jax.device_count())
+  for item in pipeline.create_val_iterator(config, mode="center", batch_size=batch_size // jax.process_count(),
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()):
+    arrays = global_batch({"image": item["image"], "label": item["label"]}, fns.batch_sharding)
+    conf += np.asarray(jax.device_get(fns.eval_step(state, arrays["image"], arrays["label"],
+                                                    use_teacher=use_teacher)), np.int64)
+  return evaluation.miou_from_confusion(conf)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training in `workdir`; returns the final metrics."""
+  config_base.validate(config, num_devices=jax.device_count())
+  if config.batch_size % jax.process_count():
+    raise config_base.ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes")
+  pipeline.check_inputs(config)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = make_mesh()
+  steps_per_epoch = pipeline.steps_per_epoch(config)
+  fns = StepFunctions(config, mesh, steps_per_epoch)
+  total_steps = fns.max_iter
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  writer = summaries.Writer(workdir, enabled=is_chief)
+
+  train_iter = pipeline.create_train_iterator(config, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+  abstract = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(config.seed),
+                                                        load_pretrained=False))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=fns.replicated), abstract)
+  restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    state, meta, data_state = restored
+    train_iter.set_state(data_state)
+    logging.info("Resumed from step %d in %s", int(state.step), ckpt.directory)
+  else:
+    state = jax.device_put(create_train_state(config, jax.random.PRNGKey(config.seed)), fns.replicated)
+    meta = {"best_miou": -1.0, "best_step": -1, "history": []}
+  start_step = int(state.step)
+
+  if start_step >= total_steps:
+    logging.info("Run already finished at step %d (of %d): nothing to train.", start_step, total_steps)
+    result = meta.get("final") or {}
+    _print_final(result)
+    ckpt.close()
+    writer.close()
+    return result
+
+  preempted = _Preempted()
+  last_time, last_step = time.time(), start_step
+  pending = None  # (step, metrics) of the previous step, fetched one step late
+  eval_every = max(1, int(config.eval_every_epochs)) if config.eval_every_epochs else 0
+
+  def check_finite(step, metrics):
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(v) for v in host.values()):
+      raise NonFiniteLossError(
+          f"non-finite loss at step {step}: {host}; the last good checkpoint in {ckpt.directory} is kept")
+    return host
+
+  def save(state, meta):
+    ckpt.save(int(state.step), state, meta, train_iter.get_state())
+
+  step = start_step
+  try:
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      semi = epoch >= config.sup_only_epochs
+      local = next(train_iter)
+      batch = global_batch(local, fns.batch_sharding)
+      state, metrics, summary = fns.train_step(state, batch, semi=semi)
+      if pending is not None:
+        check_finite(*pending)
+      pending = (step, metrics)
+      step += 1
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        host = check_finite(*pending)
+        pending = None
+        now = time.time()
+        rate = (step - last_step) * config.batch_size * 2 / max(now - last_time, 1e-9)
+        eta = (total_steps - step) * (now - last_time) / max(step - last_step, 1)
+        last_time, last_step = now, step
+        logging.info("epoch %d step %d/%d | sup %.4f unsup %.4f contrastive %.4f | lr %.2e | %.1f img/s | ETA %s",
+                     epoch, step, total_steps, host["sup"], host["unsup"], host["contrastive"], host["lr"],
+                     rate, _format_eta(eta))
+        writer.scalars(step, {f"train/{k}": v for k, v in host.items()})
+        writer.scalars(step, {"train/images_per_second": rate})
+        if summary and config.image_summary_every_steps and step % config.image_summary_every_steps == 0:
+          writer.train_images(step, summary, config)
+
+      end_of_epoch = step % steps_per_epoch == 0
+      if end_of_epoch and eval_every and ((step // steps_per_epoch) % eval_every == 0 or step == total_steps):
+        if pending is not None:
+          check_finite(*pending)
+          pending = None
+        record = {"step": step, "epoch": step // steps_per_epoch}
+        record["student_miou"], student_iou = evaluate_state(fns, state, config, use_teacher=False)
+        if semi and config.method != "supervised":
+          record["teacher_miou"], teacher_iou = evaluate_state(fns, state, config, use_teacher=True)
+        else:
+          record["teacher_miou"], teacher_iou = None, None
+        best_now = max(record["student_miou"], record["teacher_miou"] or -1.0)
+        logging.info("epoch %d evaluation: student mIoU %.4f%s", record["epoch"], record["student_miou"],
+                     "" if record["teacher_miou"] is None else f", teacher mIoU {record['teacher_miou']:.4f}")
+        writer.scalars(step, {"eval/student_miou": record["student_miou"]})
+        if record["teacher_miou"] is not None:
+          writer.scalars(step, {"eval/teacher_miou": record["teacher_miou"]})
+        writer.eval_images(step, fns, state, config)
+        meta["history"].append(record)
+        if best_now > meta["best_miou"]:
+          meta["best_miou"], meta["best_step"] = best_now, step
+          if step == total_steps:
+            meta["final"] = _final_result(meta, step)
+          ckpt.save_best(step, state, meta, train_iter.get_state())
+        if step == total_steps:
+          meta["final"] = _final_result(meta, step)
+        save(state, meta)
+      elif step % config.checkpoint_every_steps == 0 or step == total_steps:
+        if pending is not None:
+          check_finite(*pending)
+          pending = None
+        if step == total_steps:
+          meta["final"] = _final_result(meta, step)
+        save(state, meta)
+      if preempted.requested:
+        if pending is not None:
+          check_finite(*pending)
+        save(state, meta)
+        ckpt.wait()
+        logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.", step)
+        return {"preempted": True, "step": step}
+
+    result = meta["final"]
+    _print_final(result)
+    return result
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+
+def _final_result(meta, step):
+  last = meta["history"][-1] if meta["history"] else {}
+  return {"step": step, "student_miou": last.get("student_miou"), "teacher_miou": last.get("teacher_miou"),
+          "best_miou": meta["best_miou"], "best_step": meta["best_step"]}
+
+
+def _print_final(result):
+  if not result:
+    return
+  def fmt(v):
+    return "n/a" if v is None else f"{100 * v:.2f}"
+  msg = (f"final: student mIoU {fmt(result.get('student_miou'))}, teacher mIoU "
+         f"{fmt(result.get('teacher_miou'))}, best {fmt(result.get('best_miou'))} at step {result.get('best_step')}")
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)

@@ -1,0 +1,81 @@
+"""Predict segmentation masks for a folder of images: colorized masks and overlays.
+
+  python scripts/predict.py --config=configs/pascal.py:732 --workdir=runs/pascal732 \
+      --input=my_images/ --output=predictions/ [--checkpoint=best] [--model=teacher] [--mode=sliding]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
+_VARIABLES = flags.DEFINE_string("variables", None, "A converted variables checkpoint (instead of --workdir).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest, or a step number.")
+_MODEL = flags.DEFINE_enum("model", "teacher", ["teacher", "student"], "Which network to use.")
+_MODE = flags.DEFINE_enum("mode", "sliding", ["center", "sliding"], "Whole image or sliding window.")
+_INPUT = flags.DEFINE_string("input", None, "Folder of images (jpg, jpeg, png).")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write <name>_mask.png and <name>_overlay.png.")
+_ALPHA = flags.DEFINE_float("alpha", 0.5, "Mask opacity in the overlays.")
+
+_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import evaluation, restore, summaries, train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  if not _INPUT.value or not os.path.isdir(_INPUT.value):
+    print(f"error: --input={_INPUT.value!r} is not a folder", file=sys.stderr)
+    return 1
+  if not _OUTPUT.value:
+    print("error: --output is required", file=sys.stderr)
+    return 1
+  names = sorted(n for n in os.listdir(_INPUT.value) if n.lower().endswith(_EXTENSIONS))
+  if not names:
+    print(f"error: no images ({', '.join(_EXTENSIONS)}) in {_INPUT.value}", file=sys.stderr)
+    return 1
+  try:
+    fns = train.StepFunctions(config, train.make_mesh(), max(1, pipeline.steps_per_epoch(config)))
+    variables, _ = restore.load_model_variables(
+        config, fns, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
+        model=_MODEL.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  module = fns.teacher if _MODEL.value == "teacher" else fns.student
+  predictor = evaluation.Predictor(module, variables, config.model.num_classes, config.data.val_crop_size)
+  palette = np.asarray(pipeline.palette(config.model.num_classes))
+  os.makedirs(_OUTPUT.value, exist_ok=True)
+  for name in names:
+    path = os.path.join(_INPUT.value, name)
+    try:
+      rgb = pipeline.load_image(path)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    image = pipeline.normalize(rgb, config)[None]
+    logits = predictor.predict(image, mode=_MODE.value)
+    mask = np.asarray(jax.device_get(logits)).argmax(-1)[0]
+    colored = summaries.colorize(mask, palette)
+    overlay = (1 - _ALPHA.value) * rgb.astype(np.float32) + _ALPHA.value * colored.astype(np.float32)
+    stem = os.path.splitext(name)[0]
+    Image.fromarray(colored).save(os.path.join(_OUTPUT.value, f"{stem}_mask.png"))
+    Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(os.path.join(_OUTPUT.value, f"{stem}_overlay.png"))
+    print(f"{name}: {os.path.join(_OUTPUT.value, stem)}_mask.png")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,49 @@
+"""Worker for tests/test_multiprocess.py: a few dgcl train steps, one JSON line of losses on stdout.
+
+  python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT
+(NUM_PROCESSES 1 runs without jax.distributed.)
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+  process_id, num_processes, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+  import jax  # pylint: disable=g-import-not-at-top
+  if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                               process_id=process_id)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import train  # pylint: disable=g-import-not-at-top
+  import test_train  # pylint: disable=g-import-not-at-top
+
+  config = test_train.tiny_config("dgcl")
+  mesh = train.make_mesh()
+  fns = train.StepFunctions(config, mesh, steps_per_epoch=4)
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  state = state.replace(memory_bank=test_train._full_bank(config))  # pylint: disable=protected-access
+  state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
+  rows = config.batch_size // jax.process_count()
+  history = []
+  for i in range(3):
+    batch = test_train._random_batch(config, i)  # pylint: disable=protected-access
+    local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
+    with mesh:
+      state, metrics, _ = fns.train_step(state, train.global_batch(local, fns.batch_sharding), semi=True)
+    history.append({k: float(v) for k, v in metrics.items()})
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(multihost_utils.process_allgather(state.memory_bank.count)).reshape(
+      jax.process_count(), -1).tolist()
+  print("RESULT " + json.dumps({"history": history, "devices": jax.device_count(), "counts": counts}), flush=True)
+  if num_processes > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()

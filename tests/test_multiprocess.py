@@ -1,0 +1,54 @@
+"""2 processes x 2 CPU devices (gloo collectives) match 1 process x 4 devices step for step."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _result(stdout):
+  lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+  assert lines, stdout[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_two_processes_match_one_process():
+  worker = os.path.join(_HERE, "multiprocess_worker.py")
+  single = subprocess.run([sys.executable, worker, "0", "1", "0"], env=_env(4), capture_output=True,
+                          text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-5000:]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=_env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-5000:]
+  one = _result(single.stdout)
+  assert one["devices"] == 4
+  for out, _ in outs:
+    two = _result(out)
+    assert two["devices"] == 4
+    for a, b in zip(one["history"], two["history"]):
+      for key in ("sup", "unsup", "contrastive", "total"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(np.asarray(two["counts"])[0], np.asarray(one["counts"])[0])
+    # Both processes hold the same bank.
+    np.testing.assert_array_equal(np.asarray(two["counts"])[0], np.asarray(two["counts"])[1])

@@ -1,0 +1,249 @@
+"""Training step semantics: config validation, data-parallel equivalence, per-slice pieces.
+
+Runs on 4 forced CPU devices (tests/conftest.py) with the tiny synthetic config.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import pytest
+
+from dgcl_jax import config_base
+from dgcl_jax import dgcl
+from dgcl_jax import train
+from dgcl_jax.data import pipeline
+
+import importlib.util
+import os
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(_ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def tiny_config(method="dgcl"):
+  config = load_config("synthetic", method)
+  config.batch_size = 4
+  config.num_slices = 2
+  config.data.crop_size = 32
+  config.data.val_crop_size = 32
+  config.data.synthetic_image_size = 32
+  config.data.synthetic_num_labeled = 8
+  config.data.synthetic_num_unlabeled = 16
+  config.data.synthetic_num_val = 8
+  config.model.base_width = 8
+  config.model.decoder_channels = 16
+  config.model.low_level_channels = 8
+  config.model.rep_dim = 16
+  config.num_epochs = 2
+  config.sup_only_epochs = 1
+  config.dgcl.bank_capacity = 40
+  config.dgcl.max_new_per_class = 30
+  config.dgcl.density_min_entries = 30
+  config.dgcl.max_pixels = 200
+  config.dgcl.num_anchors = 20
+  config.dgcl.num_positives = 10
+  config.dgcl.num_negatives = 32
+  config.dgcl.ks = (2, 4, 8)
+  return config
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_shipped_configs_validate():
+  for name, args in (("pascal", ("92", "732", "5291")), ("cityscapes", ("186", "372", "1488", "372,u2pl")),
+                     ("synthetic", ("dgcl", "self_training", "supervised"))):
+    for arg in args:
+      config = load_config(name, arg)
+      config_base.validate(config)
+  pascal = load_config("pascal", "732")
+  assert pascal.data.labeled_list.endswith(os.path.join("pascal", "732", "labeled.txt"))
+  assert os.path.exists(pascal.data.labeled_list)
+  city = load_config("cityscapes", "372")
+  assert city.model.aux and city.loss.ohem and city.num_slices == 8
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda c: c.update({"batch_size": 6}), "batch_size=6 is not divisible"),
+    (lambda c: c.optim.update({"base_lr": -0.1}), "config.optim.base_lr=-0.1"),
+    (lambda c: c.update({"method": "dgcll"}), "config.method='dgcll'"),
+    (lambda c: c.data.update({"crop_size": 8}), "config.data.crop_size=8"),
+    (lambda c: c.loss.update({"unsup_weight": -1.0}), "config.loss.unsup_weight=-1.0"),
+    (lambda c: c.model.update({"num_classes": 7}), "config.model.num_classes=7"),
+])
+def test_validate_rejects_bad_values(mutate, message):
+  config = load_config("synthetic")
+  mutate(config)
+  with pytest.raises(config_base.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    config_base.validate(config, num_devices=4)
+
+
+def test_validate_rejects_misspelled_field():
+  config = load_config("synthetic")
+  config.optim.lerning_rate = 0.1
+  with pytest.raises(config_base.ConfigError, match="unknown config field 'optim.lerning_rate'"):
+    config_base.validate(config)
+
+
+def test_validate_rejects_batch_not_divisible_by_devices():
+  config = load_config("synthetic")
+  config.batch_size = 6
+  config.num_slices = 3
+  with pytest.raises(config_base.ConfigError, match="not divisible by the 4 devices"):
+    config_base.validate(config, num_devices=4)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, c, k = config.batch_size, config.data.crop_size, config.model.num_classes
+  ignore = np.zeros((b, c, c), np.int32)
+  ignore[:, :, -3:] = 255
+  labels = rng.integers(0, k, (b, c, c)).astype(np.int32)
+  labels[:, :2] = 255
+  # Spatially smooth labels so every class has enough pixels at stride 4.
+  labels[:, 2:] = (np.arange(c)[None, None, :] * k // c + np.arange(b)[:, None, None]) % k
+  return {
+      "labeled_image": rng.normal(size=(b, c, c, 3)).astype(np.float32),
+      "labeled_label": labels,
+      "unlabeled_image": rng.normal(size=(b, c, c, 3)).astype(np.float32),
+      "unlabeled_ignore": ignore,
+  }
+
+
+def _run_steps(config, devices, num_steps, semi, state=None, seed=0):
+  mesh = Mesh(np.asarray(devices), ("data",))
+  fns = train.StepFunctions(config, mesh, steps_per_epoch=4)
+  if state is None:
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+  # Host copy first: train_step donates its state, and the caller may reuse `state`.
+  state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
+  history = []
+  for i in range(num_steps):
+    batch = jax.device_put(_random_batch(config, seed + i), fns.batch_sharding)
+    state, metrics, _ = fns.train_step(state, batch, semi=semi)
+    history.append({k: float(v) for k, v in metrics.items()})
+  return state, history
+
+
+def test_supervised_four_devices_match_one_device():
+  config = tiny_config("supervised")
+  _, one = _run_steps(config, jax.devices()[:1], 3, semi=False)
+  _, four = _run_steps(config, jax.devices()[:4], 3, semi=False)
+  for a, b in zip(one, four):
+    np.testing.assert_allclose(a["sup"], b["sup"], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(a["total"], b["total"], rtol=2e-5, atol=1e-6)
+
+
+def _full_bank(config, seed=0):
+  rng = np.random.default_rng(seed)
+  g, m = config.dgcl, config.model
+  bank = dgcl.MemoryBank.create(m.num_classes, g.bank_capacity, m.decoder_channels, m.rep_dim)
+  return bank.replace(
+      fts=jnp.asarray(rng.normal(size=bank.fts.shape), jnp.float32),
+      rep=jnp.asarray(rng.normal(size=bank.rep.shape), jnp.float32),
+      density=jnp.asarray(rng.uniform(size=bank.density.shape), jnp.float32),
+      count=jnp.full(bank.count.shape, g.bank_capacity, bank.count.dtype))
+
+
+def test_dgcl_step_on_four_devices_matches_one_and_bank_is_replicated():
+  config = tiny_config("dgcl")
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  state = state.replace(memory_bank=_full_bank(config))
+  s1, one = _run_steps(config, jax.devices()[:1], 2, semi=True, state=state)
+  s4, four = _run_steps(config, jax.devices()[:4], 2, semi=True, state=state)
+  for a, b in zip(one, four):
+    assert a["bank_full"] == 1.0
+    assert a["contrastive"] > 0
+    for key in ("sup", "unsup", "contrastive", "total"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # The bank is identical on every device, and equal to the single-device run's.
+  for leaf in jax.tree_util.tree_leaves(s4.memory_bank):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == 4
+    for shard in shards[1:]:
+      np.testing.assert_array_equal(shards[0], shard)
+  np.testing.assert_array_equal(np.asarray(s1.memory_bank.count), np.asarray(s4.memory_bank.count))
+  np.testing.assert_allclose(np.asarray(s1.memory_bank.fts), np.asarray(s4.memory_bank.fts), atol=1e-4)
+
+
+def test_contrastive_loss_is_the_mean_of_per_slice_losses_computed_by_hand():
+  """The step's contrastive value equals dgcl_loss run slice by slice by hand, then averaged."""
+  config = tiny_config("dgcl")
+  config.loss.cutmix_prob = 0.0
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  bank = _full_bank(config)
+  # Step 4 = the first semi-supervised step (4 steps per epoch, 1 supervised epoch): teacher := student.
+  state = state.replace(memory_bank=bank, step=jnp.asarray(4, jnp.int32))
+  mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  fns = train.StepFunctions(config, mesh, steps_per_epoch=4)
+  batch = _random_batch(config, 3)
+
+  step_state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
+  _, metrics, _ = fns.train_step(step_state, jax.device_put(batch, fns.batch_sharding), semi=True)
+
+  # Recompute by hand: student forward as in the step, then per-slice losses.
+  step = state.step
+  keys = jax.random.split(jax.random.fold_in(state.rng, step), 8)
+  k_teacher, k_student, _, k_contrast = keys[:4]
+  b, s = config.batch_size, config.num_slices
+  teacher_params = state.params  # first semi epoch: the teacher is reset to the student
+  t_out, _ = fns._teacher_forward(teacher_params, state.teacher_batch_stats,
+                                  jnp.concatenate([batch["labeled_image"], batch["unlabeled_image"]]), k_teacher)
+  from dgcl_jax import losses, schedules
+  p = fns.progress(step)
+  percent = schedules.contrastive_percent(p, config.loss.contrastive_percent, config.loss.contrastive_percent_min)
+  images = jnp.concatenate([batch["labeled_image"], batch["unlabeled_image"], batch["unlabeled_image"]])
+  out, _ = fns._student_forward(state.params, state.batch_stats, images, k_student)
+  loss_keys = jax.random.split(k_contrast, s)
+  per_slice = []
+  bs = b // s
+  for i in range(s):
+    rows = slice(i * bs, (i + 1) * bs)
+    urows = slice(b + i * bs, b + (i + 1) * bs)
+    labels_i = losses.contrastive_labels(
+        jnp.asarray(batch["labeled_label"][rows]), t_out["pred"][urows], jnp.asarray(batch["unlabeled_ignore"][rows]),
+        percent, method=config.loss.quantile_method)
+    rep_i = jnp.concatenate([out["rep"][rows], out["rep"][urows]]).astype(jnp.float32)
+    fts_i = jnp.concatenate([out["fts"][rows], out["fts"][urows]]).astype(jnp.float32)
+    per_slice.append(dgcl.dgcl_loss(rep_i, fts_i, labels_i, bank, loss_keys[i], **train.dgcl_loss_kwargs(config)))
+  np.testing.assert_allclose(float(metrics["contrastive"]), float(np.mean(per_slice)), rtol=1e-4)
+
+
+def test_contrastive_gradient_quirk_scales_only_the_gradient():
+  config = tiny_config("dgcl")
+  config.loss.unsup_weight = 0.0
+  state = train.create_train_state(config, jax.random.PRNGKey(0)).replace(memory_bank=_full_bank(config))
+  config_sup = tiny_config("dgcl")
+  config_sup.loss.contrastive_weight = 0.0
+  config_sup.loss.unsup_weight = 0.0
+  results = {}
+  for name, cfg, quirk in (("quirk", config, True), ("clean", config, False), ("none", config_sup, True)):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.loss.contrastive_grad_quirk = quirk
+    cfg.optim.momentum = 0.0
+    cfg.optim.weight_decay = 0.0
+    new_state, hist = _run_steps(cfg, jax.devices()[:1], 1, semi=True, state=state)
+    results[name] = (new_state, hist[0])
+  # Same reported contrastive value with and without the quirk.
+  assert results["quirk"][1]["contrastive"] == pytest.approx(results["clean"][1]["contrastive"], rel=1e-6)
+  # The parameter change due to the contrastive term is 1/W as large with the quirk.
+  def delta(a, b):
+    return np.concatenate([np.ravel(x) - np.ravel(y) for x, y in zip(
+        jax.tree_util.tree_leaves(a.params["decoder"]), jax.tree_util.tree_leaves(b.params["decoder"]))])
+  d_quirk = delta(results["quirk"][0], results["none"][0])
+  d_clean = delta(results["clean"][0], results["none"][0])
+  assert np.abs(d_clean).max() > 0
+  np.testing.assert_allclose(d_quirk, d_clean / config.num_slices, rtol=0, atol=1e-3 * np.abs(d_clean).max())

@@ -70,8 +70,7 @@ def max_iterations(config, steps_per_epoch: int) -> int:
 
 
 def _init_variables(module, rng, crop: int):
-  dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
-  variables = module.init({"params": rng, "dropout": rng}, dummy, train=False)
+  variables = models.init_variables(module, rng, crop)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 

@@ -49,6 +49,8 @@ def test_two_processes_match_one_process():
     for a, b in zip(one["history"], two["history"]):
       for key in ("sup", "unsup", "contrastive", "total"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    np.testing.assert_array_equal(np.asarray(two["counts"])[0], np.asarray(one["counts"])[0])
-    # Both processes hold the same bank.
-    np.testing.assert_array_equal(np.asarray(two["counts"])[0], np.asarray(two["counts"])[1])
+    np.testing.assert_array_equal(two["counts"], one["counts"])
+    np.testing.assert_allclose(two["fts_sum"], one["fts_sum"], rtol=1e-5)
+  # Both processes hold the same bank.
+  first, second = (_result(out) for out, _ in outs)
+  assert first["counts"] == second["counts"] and first["fts_sum"] == second["fts_sum"]

@@ -28,6 +28,7 @@ def get_config(arg: str = "372"):
 
   m = config.model
   m.depth = 101
+  m.dtype = "bfloat16"          # mixed precision for the student, as the reference (teacher: float32)
   m.num_classes = 19
   m.replace_stride_with_dilation = (False, True, True)    # output stride 8
   m.aspp_dilations = (12, 24, 36)

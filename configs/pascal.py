@@ -24,6 +24,7 @@ def get_config(arg: str = "732"):
   config.checkpoint_every_steps = 1000
 
   config.model.depth = 101
+  config.model.dtype = "bfloat16"   # mixed precision for the student, as the reference (teacher: float32)
   config.model.num_classes = 21
   config.model.replace_stride_with_dilation = (False, False, True)
   config.model.aspp_dilations = (6, 12, 18)

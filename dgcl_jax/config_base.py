@@ -35,7 +35,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.1          # channel dropout
   m.bn_momentum = 0.9           # Flax convention (= PyTorch 0.1)
   m.bn_epsilon = 1e-5
-  m.dtype = "float32"           # compute dtype of the student: float32 or bfloat16
+  m.dtype = "float32"           # compute dtype of the student's forward: float32 or bfloat16 (the teacher
+                                # and evaluation always run in float32)
   m.pretrained = ""             # orbax checkpoint directory written by scripts/convert_torch_checkpoint.py
   return m
 
@@ -199,8 +200,9 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError(f"config.model.depth={config.model.depth}: expected 14, 50 or 101")
   if config.loss.quantile_method not in ("sort", "histogram"):
     raise ConfigError(f"config.loss.quantile_method={config.loss.quantile_method!r}: expected sort or histogram")
-  if config.model.dtype not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected float32, bfloat16 or float16")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected float32 or bfloat16 "
+                      "(float16 would need loss scaling)")
   if config.data.crop_size < 32:
     raise ConfigError(f"config.data.crop_size={config.data.crop_size}: must be at least 32")
   if config.dgcl.num_negatives < 1 or config.dgcl.num_anchors < 1 or config.dgcl.num_positives < 1:

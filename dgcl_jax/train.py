@@ -14,8 +14,8 @@ numbers do not depend on how many devices run.
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import math
 import os
 import signal
@@ -139,7 +139,8 @@ class StepFunctions:
     self.optimizer = schedules.make_optimizer(config, self.max_iter)
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
-    self.train_step = jax.jit(self._train_step, static_argnames=("semi",), donate_argnums=(0,))
+    self.train_step = jax.jit(self._train_step, static_argnames=("semi",), donate_argnums=(0,),
+                              out_shardings=(self.replicated, self.replicated, self.replicated))
     self.eval_step = jax.jit(self._eval_step, static_argnames=("use_teacher",))
 
   # -- helpers --------------------------------------------------------------
@@ -292,10 +293,11 @@ class StepFunctions:
       if use_dgcl:
         # 10. Memory bank update from the whole global batch's features and contrastive labels.
         g = cfg.dgcl
-        # Bank labels in [labeled (all slices); unlabeled (all slices)] order, as fts_lu.
-        bank_labels = jnp.concatenate([_unslice(contrast_labels[:, :b // s]),
-                                       _unslice(contrast_labels[:, b // s:])])
-        bank = bank.update(jax.lax.stop_gradient(fts_lu), jax.lax.stop_gradient(rep_lu), bank_labels,
+        # Rows in the order of the reference's all-gather: [labeled_0; unlabeled_0; labeled_1; ...].
+        def per_slice_order(x):
+          return _unslice(jnp.concatenate([_slices(x[:b], s), _slices(x[b:], s)], axis=1))
+        bank = bank.update(jax.lax.stop_gradient(per_slice_order(fts_lu)),
+                           jax.lax.stop_gradient(per_slice_order(rep_lu)), _unslice(contrast_labels),
                            k_bank, max_new_per_class=g.max_new_per_class,
                            density_min_entries=g.density_min_entries, ks=tuple(g.ks))
       summary = {"unlabeled_image": unlabeled[:1], "pseudo_label": pseudo[0, :1]}
@@ -307,7 +309,15 @@ class StepFunctions:
       # 11. EMA of parameters only (BN statistics are not averaged).
       decay = schedules.ema_decay(step, self.steps_per_epoch, cfg.sup_only_epochs, cfg.ema.decay)
       teacher_params = schedules.ema_update(teacher_params, params, decay)
+      if cfg.ema.first_epoch_reset:
+        # In the reference the reset makes the teacher share the student's storage, so the
+        # optimizer step moves both: the teacher ends the step equal to the updated student.
+        teacher_params = jax.tree_util.tree_map(lambda t, st: jnp.where(reset, st, t), teacher_params, params)
     metrics["total"] = total
+    metrics["grad_norm"] = optax.global_norm(grads)
+    # A non-finite update shows here before the parameters can reach a checkpoint.
+    metrics["params_finite"] = jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])).astype(jnp.float32)
     metrics["lr"] = schedules.poly_lr(cfg.optim.base_lr, self.max_iter, cfg.optim.poly_power)(step)
     new_state = state.replace(
         step=step + 1, params=params, batch_stats=new_stats, teacher_params=teacher_params,
@@ -320,11 +330,10 @@ class StepFunctions:
     """Confusion matrix [K, K] (rows: truth) of one batch, logits resized to the label size."""
     if use_teacher:
       variables = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
-      module = self.teacher
     else:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
-      module = self.student
-    return evaluation.confusion_from_model(module, variables, images, labels,
+    # Both are scored in float32 (self.teacher is the float32 build of the same network).
+    return evaluation.confusion_from_model(self.teacher, variables, images, labels,
                                            self.config.model.num_classes)
 
 
@@ -411,6 +420,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
     state, meta, data_state = restored
+    if int(data_state.get("step", int(state.step))) != int(state.step):
+      raise RuntimeError(f"checkpoint in {ckpt.directory} is inconsistent: train state at step {int(state.step)}, "
+                         f"data iterator at step {data_state.get('step')}")
     train_iter.set_state(data_state)
     logging.info("Resumed from step %d in %s", int(state.step), ckpt.directory)
   else:
@@ -433,13 +445,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def check_finite(step, metrics):
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not all(math.isfinite(v) for v in host.values()):
+    if not all(math.isfinite(v) for v in host.values()) or host.get("params_finite", 1.0) != 1.0:
       raise NonFiniteLossError(
           f"non-finite loss at step {step}: {host}; the last good checkpoint in {ckpt.directory} is kept")
     return host
 
+  last_saved = [start_step if restored is not None else -1]
+
   def save(state, meta):
-    ckpt.save(int(state.step), state, meta, train_iter.get_state())
+    step_now = int(state.step)
+    if step_now == last_saved[0]:
+      return
+    # Orbax serializes `meta` in a background thread: hand it a copy.
+    ckpt.save(step_now, state, copy.deepcopy(meta), train_iter.get_state())
+    last_saved[0] = step_now
 
   step = start_step
   try:
@@ -492,7 +511,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           meta["best_miou"], meta["best_step"] = best_now, step
           if step == total_steps:
             meta["final"] = _final_result(meta, step)
-          ckpt.save_best(step, state, meta, train_iter.get_state())
+          if step not in ckpt.steps("best"):
+            ckpt.save_best(step, state, copy.deepcopy(meta), train_iter.get_state())
         if step == total_steps:
           meta["final"] = _final_result(meta, step)
         save(state, meta)

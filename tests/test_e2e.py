@@ -32,7 +32,8 @@ TINY = [
 def env(tmp_path_factory):
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -77,6 +78,8 @@ def test_method_runs_end_to_end_and_evaluates(method, tmp_path, env):
   model = "student" if method == "supervised" else "teacher"
   in_training = final[f"{model}_miou"]
   assert 0.0 <= in_training <= 1.0
+  if method != "dgcl":
+    return
 
   # evaluate.py on the final checkpoint reproduces the in-training evaluation.
   out_json = tmp_path / f"{method}.json"

@@ -4,6 +4,8 @@ Runs on 4 forced CPU devices (tests/conftest.py) with the tiny synthetic config.
 """
 
 import functools
+import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,6 @@ from dgcl_jax import dgcl
 from dgcl_jax import train
 from dgcl_jax.data import pipeline
 
-import importlib.util
-import os
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,6 +106,18 @@ def test_validate_rejects_batch_not_divisible_by_devices():
 # ----------------------------------------------------------------------------- the step
 
 
+_STATE_CACHE = {}
+
+
+def initial_state(config):
+  """create_train_state for `config`, cached as host arrays (init compiles slowly on CPU)."""
+  key = config.to_json()
+  if key not in _STATE_CACHE:
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+    _STATE_CACHE[key] = jax.tree_util.tree_map(np.asarray, state)
+  return _STATE_CACHE[key]
+
+
 def _random_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   b, c, k = config.batch_size, config.data.crop_size, config.model.num_classes
@@ -123,11 +135,22 @@ def _random_batch(config, seed=0):
   }
 
 
-def _run_steps(config, devices, num_steps, semi, state=None, seed=0):
-  mesh = Mesh(np.asarray(devices), ("data",))
-  fns = train.StepFunctions(config, mesh, steps_per_epoch=4)
+_FNS_CACHE = {}
+
+
+def step_functions(config, num_devices):
+  """StepFunctions on the first `num_devices` devices, shared by tests so each step compiles once."""
+  key = (config.to_json(), num_devices)
+  if key not in _FNS_CACHE:
+    mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+    _FNS_CACHE[key] = train.StepFunctions(config, mesh, steps_per_epoch=4)
+  return _FNS_CACHE[key]
+
+
+def _run_steps(config, num_devices, num_steps, semi, state=None, seed=0):
+  fns = step_functions(config, num_devices)
   if state is None:
-    state = train.create_train_state(config, jax.random.PRNGKey(0))
+    state = initial_state(config)
   # Host copy first: train_step donates its state, and the caller may reuse `state`.
   state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   history = []
@@ -140,8 +163,8 @@ def _run_steps(config, devices, num_steps, semi, state=None, seed=0):
 
 def test_supervised_four_devices_match_one_device():
   config = tiny_config("supervised")
-  _, one = _run_steps(config, jax.devices()[:1], 3, semi=False)
-  _, four = _run_steps(config, jax.devices()[:4], 3, semi=False)
+  _, one = _run_steps(config, 1, 3, semi=False)
+  _, four = _run_steps(config, 4, 3, semi=False)
   for a, b in zip(one, four):
     np.testing.assert_allclose(a["sup"], b["sup"], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(a["total"], b["total"], rtol=2e-5, atol=1e-6)
@@ -160,10 +183,10 @@ def _full_bank(config, seed=0):
 
 def test_dgcl_step_on_four_devices_matches_one_and_bank_is_replicated():
   config = tiny_config("dgcl")
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  state = initial_state(config)
   state = state.replace(memory_bank=_full_bank(config))
-  s1, one = _run_steps(config, jax.devices()[:1], 2, semi=True, state=state)
-  s4, four = _run_steps(config, jax.devices()[:4], 2, semi=True, state=state)
+  s1, one = _run_steps(config, 1, 2, semi=True, state=state)
+  s4, four = _run_steps(config, 4, 2, semi=True, state=state)
   for a, b in zip(one, four):
     assert a["bank_full"] == 1.0
     assert a["contrastive"] > 0
@@ -180,70 +203,77 @@ def test_dgcl_step_on_four_devices_matches_one_and_bank_is_replicated():
 
 
 def test_contrastive_loss_is_the_mean_of_per_slice_losses_computed_by_hand():
-  """The step's contrastive value equals dgcl_loss run slice by slice by hand, then averaged."""
+  """The 4-device step's contrastive value equals dgcl_loss run slice by slice by hand, averaged."""
+  from dgcl_jax import losses, schedules  # pylint: disable=g-import-not-at-top
   config = tiny_config("dgcl")
-  config.loss.cutmix_prob = 0.0
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
   bank = _full_bank(config)
   # Step 4 = the first semi-supervised step (4 steps per epoch, 1 supervised epoch): teacher := student.
-  state = state.replace(memory_bank=bank, step=jnp.asarray(4, jnp.int32))
-  mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
-  fns = train.StepFunctions(config, mesh, steps_per_epoch=4)
+  state = initial_state(config).replace(memory_bank=bank, step=np.asarray(4, np.int32))
+  fns = step_functions(config, 4)
   batch = _random_batch(config, 3)
-
   step_state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   _, metrics, _ = fns.train_step(step_state, jax.device_put(batch, fns.batch_sharding), semi=True)
 
-  # Recompute by hand: student forward as in the step, then per-slice losses.
-  step = state.step
-  keys = jax.random.split(jax.random.fold_in(state.rng, step), 8)
-  k_teacher, k_student, _, k_contrast = keys[:4]
+  # By hand, slice by slice: teacher, pseudo labels, CutMix, one student forward, contrastive loss.
   b, s = config.batch_size, config.num_slices
-  teacher_params = state.params  # first semi epoch: the teacher is reset to the student
-  t_out, _ = fns._teacher_forward(teacher_params, state.teacher_batch_stats,
-                                  jnp.concatenate([batch["labeled_image"], batch["unlabeled_image"]]), k_teacher)
-  from dgcl_jax import losses, schedules
-  p = fns.progress(step)
+  bs = b // s
+  keys = jax.random.split(jax.random.fold_in(jnp.asarray(state.rng), 4), 8)
+  k_teacher, k_student, k_cutmix, k_contrast = keys[:4]
+  labeled, unlabeled = jnp.asarray(batch["labeled_image"]), jnp.asarray(batch["unlabeled_image"])
+  ignore = jnp.asarray(batch["unlabeled_ignore"])
+  t_out, _ = fns._teacher_forward(state.params, state.teacher_batch_stats,  # pylint: disable=protected-access
+                                  jnp.concatenate([labeled, unlabeled]), k_teacher)
+  p = fns.progress(jnp.asarray(4))
+  drop = schedules.drop_percent(p, config.loss.drop_percent)
   percent = schedules.contrastive_percent(p, config.loss.contrastive_percent, config.loss.contrastive_percent_min)
-  images = jnp.concatenate([batch["labeled_image"], batch["unlabeled_image"], batch["unlabeled_image"]])
-  out, _ = fns._student_forward(state.params, state.batch_stats, images, k_student)
+  mix_keys = jax.random.split(k_cutmix, s)
+  mixed = []
+  for i in range(s):
+    rows = slice(i * bs, (i + 1) * bs)
+    pseudo = losses.pseudo_labels(t_out["pred"][b:][rows], ignore[rows], drop, method=config.loss.quantile_method)
+    mixed.append(losses.cutmix(mix_keys[i], unlabeled[rows], pseudo, ignore[rows], prob=config.loss.cutmix_prob)[0])
+  images = jnp.concatenate([labeled, unlabeled] + mixed)
+  out, _ = fns._student_forward(state.params, state.batch_stats, images, k_student)  # pylint: disable=protected-access
   loss_keys = jax.random.split(k_contrast, s)
   per_slice = []
-  bs = b // s
   for i in range(s):
     rows = slice(i * bs, (i + 1) * bs)
     urows = slice(b + i * bs, b + (i + 1) * bs)
-    labels_i = losses.contrastive_labels(
-        jnp.asarray(batch["labeled_label"][rows]), t_out["pred"][urows], jnp.asarray(batch["unlabeled_ignore"][rows]),
-        percent, method=config.loss.quantile_method)
+    labels_i = losses.contrastive_labels(jnp.asarray(batch["labeled_label"][rows]), t_out["pred"][urows],
+                                         ignore[rows], percent, method=config.loss.quantile_method)
     rep_i = jnp.concatenate([out["rep"][rows], out["rep"][urows]]).astype(jnp.float32)
     fts_i = jnp.concatenate([out["fts"][rows], out["fts"][urows]]).astype(jnp.float32)
     per_slice.append(dgcl.dgcl_loss(rep_i, fts_i, labels_i, bank, loss_keys[i], **train.dgcl_loss_kwargs(config)))
+  assert float(metrics["contrastive"]) > 0
   np.testing.assert_allclose(float(metrics["contrastive"]), float(np.mean(per_slice)), rtol=1e-4)
 
 
 def test_contrastive_gradient_quirk_scales_only_the_gradient():
+  """One step from the same state: the contrastive part of the update is 1/W as large with the quirk.
+
+  On the first step the momentum buffer is empty and weight decay adds the same term to every
+  run, so parameter differences between runs are -lr x (difference of gradients). A
+  self_training step gives the same update minus the contrastive term.
+  """
   config = tiny_config("dgcl")
-  config.loss.unsup_weight = 0.0
-  state = train.create_train_state(config, jax.random.PRNGKey(0)).replace(memory_bank=_full_bank(config))
-  config_sup = tiny_config("dgcl")
-  config_sup.loss.contrastive_weight = 0.0
-  config_sup.loss.unsup_weight = 0.0
+  state = initial_state(config).replace(memory_bank=_full_bank(config))
+  clean = tiny_config("dgcl")
+  clean.loss.contrastive_grad_quirk = False
+  no_contrast = tiny_config("self_training")
   results = {}
-  for name, cfg, quirk in (("quirk", config, True), ("clean", config, False), ("none", config_sup, True)):
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.loss.contrastive_grad_quirk = quirk
-    cfg.optim.momentum = 0.0
-    cfg.optim.weight_decay = 0.0
-    new_state, hist = _run_steps(cfg, jax.devices()[:1], 1, semi=True, state=state)
+  for name, cfg in (("quirk", config), ("clean", clean), ("none", no_contrast)):
+    run_state = state if name != "none" else state.replace(memory_bank=initial_state(no_contrast).memory_bank)
+    new_state, hist = _run_steps(cfg, 1, 1, semi=True, state=run_state)
     results[name] = (new_state, hist[0])
-  # Same reported contrastive value with and without the quirk.
+  # The reported contrastive value does not depend on the quirk.
+  assert results["quirk"][1]["contrastive"] > 0
   assert results["quirk"][1]["contrastive"] == pytest.approx(results["clean"][1]["contrastive"], rel=1e-6)
-  # The parameter change due to the contrastive term is 1/W as large with the quirk.
+  assert results["quirk"][1]["sup"] == pytest.approx(results["none"][1]["sup"], rel=1e-6)
+
   def delta(a, b):
     return np.concatenate([np.ravel(x) - np.ravel(y) for x, y in zip(
         jax.tree_util.tree_leaves(a.params["decoder"]), jax.tree_util.tree_leaves(b.params["decoder"]))])
   d_quirk = delta(results["quirk"][0], results["none"][0])
   d_clean = delta(results["clean"][0], results["none"][0])
   assert np.abs(d_clean).max() > 0
-  np.testing.assert_allclose(d_quirk, d_clean / config.num_slices, rtol=0, atol=1e-3 * np.abs(d_clean).max())
+  np.testing.assert_allclose(d_quirk, d_clean / config.num_slices, rtol=0, atol=2e-3 * np.abs(d_clean).max())

@@ -2,10 +2,11 @@
 
 Class 0 is background; class c >= 1 is the shape kind (c - 1) % 4 of `SHAPES`: disc, square,
 triangle, or a stripe-textured blob. Every image is deterministic in (seed, split, index).
-What makes it non-trivial: object and background colours come from the same distribution
-(colour alone is ambiguous), textured and noisy fills, scales from small to large, objects
-occluding each other, and background clutter (lines, rings, ellipses, faint stripes) drawn both
-in object-like and in background colours.
+What makes it learnable: each object class has a colour tendency (a prototype hue with a wide
+spread) on top of its shape or texture. What makes it non-trivial: the class colour spreads
+overlap each other and the (less saturated) background's, textured and noisy fills, scales from
+small to large, objects occluding each other, and background clutter (lines, rings, ellipses,
+faint stripes) drawn both in object-like and in background colours.
 """
 
 from __future__ import annotations
@@ -24,8 +25,20 @@ def _grid(size: int):
   return yy, xx
 
 
-def _colour(rng):
-  return rng.uniform(0.0, 255.0, 3).astype(np.float32)
+# Colour tendency of each object kind (RGB); the spread around it makes the classes overlap.
+_PROTOTYPES = {"disc": (215.0, 70.0, 60.0), "square": (70.0, 190.0, 80.0), "triangle": (80.0, 100.0, 215.0),
+               "stripes": (225.0, 195.0, 70.0)}
+_CLASS_SPREAD = 45.0
+
+
+def _background_colour(rng):
+  """Background and clutter: any hue, pulled halfway to grey (less saturated than objects)."""
+  return (0.5 * rng.uniform(0.0, 255.0, 3) + 64.0).astype(np.float32)
+
+
+def _class_colour(kind, rng):
+  proto = np.asarray(_PROTOTYPES[kind], np.float32)
+  return np.clip(proto + rng.normal(0.0, _CLASS_SPREAD, 3).astype(np.float32), 0, 255)
 
 
 def _rotated(yy, xx, cy, cx, angle):
@@ -64,7 +77,7 @@ def _stripes(ys, xs, rng, c1, c2, period_lo=3.0, period_hi=7.0):
 
 def _fill(kind, ys, xs, rng, size):
   """Texture at pixels (ys, xs) [n]: flat, gradient or speckled for shapes; stripes for 'stripes'."""
-  c1 = _colour(rng)
+  c1 = _class_colour(kind, rng)
   if kind == "stripes":
     c2 = c1 + rng.uniform(50, 120) * rng.choice([-1.0, 1.0], 3).astype(np.float32)
     return _stripes(ys, xs, rng, c1, np.clip(c2, 0, 255))
@@ -82,7 +95,7 @@ def _fill(kind, ys, xs, rng, size):
 
 
 def _background(yy, xx, rng, size):
-  c1, c2 = _colour(rng), _colour(rng)
+  c1, c2 = _background_colour(rng), _background_colour(rng)
   t = np.zeros_like(yy)
   for _ in range(2):  # low-frequency blend of two colours
     f = rng.uniform(0.5, 2.5) * 2 * np.pi / size
@@ -95,7 +108,7 @@ def _background(yy, xx, rng, size):
 
 def _clutter(yy, xx, rng, size, bg_colours):
   """A distractor (label 0): (mask [S, S], colours [n, 3] or [3])."""
-  colour = bg_colours[rng.integers(0, 2)] if rng.random() < 0.5 else _colour(rng)
+  colour = bg_colours[rng.integers(0, 2)] if rng.random() < 0.5 else _background_colour(rng)
   colour = np.clip(colour + rng.normal(0, 15, 3).astype(np.float32), 0, 255)
   cy, cx = rng.uniform(0, size, 2)
   kind = rng.integers(0, 4)

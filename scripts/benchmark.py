@@ -22,7 +22,8 @@ def main(argv):
     import benchmark_input as bench  # pylint: disable=g-import-not-at-top
   else:
     import benchmark_step as bench  # pylint: disable=g-import-not-at-top
-  return bench.main(argv[1:])
+  result = bench.main(argv[2:])
+  return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

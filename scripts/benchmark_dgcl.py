@@ -33,6 +33,9 @@ def _parse(argv):
   p.add_argument("--max-new", type=int, default=1000)
   p.add_argument("--topk-chunk", type=int, default=0, help="multi-pass top-k chunk (0: one lax.top_k)")
   p.add_argument("--bf16-rep", action="store_true", help="rep in bfloat16, as the student's")
+  p.add_argument("--slices", type=int, default=1,
+                 help="slices of --batch images each, as the trainer (dgcl_loss_slices + one bank update)")
+  p.add_argument("--compile-only", action="store_true", help="report compiled memory, do not run")
   p.add_argument("--runs", type=int, default=5)
   return p.parse_args(argv)
 
@@ -60,11 +63,23 @@ def main(argv=None) -> int:
   labels = jnp.asarray(labels)
   chunk = args.topk_chunk or None
 
+  if args.slices > 1:
+    tile = lambda x: jnp.stack([x] * args.slices)  # pylint: disable=unnecessary-lambda-assignment
+    rep, fts, labels = tile(rep), tile(fts), tile(labels)
+
   def step(bank, rep, fts, labels, key):
     k_loss, k_bank = jax.random.split(key)
-    loss, grad = jax.value_and_grad(
-        lambda r: dgcl.dgcl_loss(r, fts, labels, bank, k_loss, max_pixels=args.max_pixels, topk_chunk=chunk))(rep)
-    bank = bank.update(fts, rep, labels, k_bank, max_new_per_class=args.max_new, topk_chunk=chunk)
+    if args.slices > 1:
+      keys = jax.random.split(k_loss, args.slices)
+      loss_fn = lambda r: jnp.mean(dgcl.dgcl_loss_slices(  # pylint: disable=unnecessary-lambda-assignment
+          r, fts, labels, bank, keys, max_pixels=args.max_pixels, topk_chunk=chunk))
+      flat = lambda x: x.reshape((-1,) + x.shape[2:])  # pylint: disable=unnecessary-lambda-assignment
+    else:
+      loss_fn = lambda r: dgcl.dgcl_loss(  # pylint: disable=unnecessary-lambda-assignment
+          r, fts, labels, bank, k_loss, max_pixels=args.max_pixels, topk_chunk=chunk)
+      flat = lambda x: x  # pylint: disable=unnecessary-lambda-assignment
+    loss, grad = jax.value_and_grad(loss_fn)(rep)
+    bank = bank.update(flat(fts), flat(rep), flat(labels), k_bank, max_new_per_class=args.max_new, topk_chunk=chunk)
     return bank, loss, grad
 
   fn = jax.jit(step, donate_argnums=0)
@@ -72,6 +87,12 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   compiled = fn.lower(bank, rep, fts, labels, key).compile()
   compile_s = time.perf_counter() - t0
+  if args.compile_only:
+    ma = compiled.memory_analysis()
+    print(f"slices {args.slices} x {b}x{s}x{s}, bank {k}x{cap}: compile {compile_s:.1f} s, temp "
+          f"{ma.temp_size_in_bytes / 2**20:.1f} MiB, arguments {ma.argument_size_in_bytes / 2**20:.1f} MiB, "
+          f"outputs {ma.output_size_in_bytes / 2**20:.1f} MiB, aliased {ma.alias_size_in_bytes / 2**20:.1f} MiB")
+    return 0
   times = []
   loss = None
   for i in range(args.runs + 1):

@@ -43,7 +43,7 @@ def main(argv):
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--semi", action="store_true", help="time the semi-supervised step (default: supervised)")
   parser.add_argument("--full_bank", action="store_true", help="start with a full memory bank (contrastive on)")
-  args = parser.parse_args(argv[1:])
+  args = parser.parse_args(argv)
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -103,4 +103,4 @@ def main(argv):
 
 if __name__ == "__main__":
   import sys
-  sys.exit(main(["step"] + sys.argv[1:]))
+  sys.exit(main(sys.argv[1:]))

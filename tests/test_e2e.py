@@ -64,45 +64,62 @@ def _final_params(workdir):
   return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
-@pytest.mark.parametrize("method", ["supervised", "self_training", "dgcl"])
-def test_method_runs_end_to_end_and_evaluates(method, tmp_path, env):
-  workdir = tmp_path / method
-  proc = _run(_main_cmd(workdir, method), env)
-  out = proc.stdout + proc.stderr
+# Three epochs of three steps, a checkpoint every step: the dgcl run is also the uninterrupted
+# reference of the kill -9 test.
+RUN = ["--config.num_epochs=3", "--config.checkpoint_every_steps=1"]
+TOTAL_STEPS = 9
+
+
+@pytest.fixture(scope="module")
+def dgcl_run(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("e2e") / "dgcl"
+  proc = _run(_main_cmd(workdir, "dgcl", RUN), env)
+  return workdir, proc.stdout + proc.stderr
+
+
+def _check_run(workdir, out, method):
   assert "final: student mIoU" in out
-  assert "step 6/6" in out and "img/s" in out and "ETA" in out
-  assert os.path.isdir(workdir / "checkpoints" / "6")
+  assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in out and "img/s" in out and "ETA" in out
+  assert os.path.isdir(workdir / "checkpoints" / str(TOTAL_STEPS))
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
-  meta = json.load(open(workdir / "checkpoints" / "6" / "meta" / "metadata"))
-  final = meta["final"]
+  meta = json.load(open(workdir / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"))
   model = "student" if method == "supervised" else "teacher"
-  in_training = final[f"{model}_miou"]
+  in_training = meta["final"][f"{model}_miou"]
   assert 0.0 <= in_training <= 1.0
-  if method != "dgcl":
-    return
+  return model, in_training
+
+
+@pytest.mark.parametrize("method", ["supervised", "self_training"])
+def test_baseline_methods_run_end_to_end(method, tmp_path, env):
+  workdir = tmp_path / method
+  proc = _run(_main_cmd(workdir, method, RUN), env)
+  _check_run(workdir, proc.stdout + proc.stderr, method)
+
+
+def test_dgcl_runs_end_to_end_evaluates_and_does_not_retrain(dgcl_run, tmp_path, env):
+  workdir, out = dgcl_run
+  model, in_training = _check_run(workdir, out, "dgcl")
+  assert "contrastive" in out
 
   # evaluate.py on the final checkpoint reproduces the in-training evaluation.
-  out_json = tmp_path / f"{method}.json"
-  _run([sys.executable, "scripts/evaluate.py", f"--config={_ROOT}/configs/synthetic.py:{method}",
+  out_json = tmp_path / "dgcl.json"
+  _run([sys.executable, "scripts/evaluate.py", f"--config={_ROOT}/configs/synthetic.py:dgcl",
         f"--workdir={workdir}", "--checkpoint=latest", f"--model={model}", "--mode=center",
-        f"--output_json={out_json}", *TINY], env)
+        f"--output_json={out_json}", *TINY, *RUN], env)
   result = json.load(open(out_json))
   assert result["miou"] == pytest.approx(in_training, abs=1e-6)
   assert set(result["per_class_iou"]) == {"background", "disc", "square", "triangle", "stripes"}
 
   # Rerunning a finished run does not retrain.
-  again = _run(_main_cmd(workdir, method), env)
+  again = _run(_main_cmd(workdir, "dgcl", RUN), env)
   assert "nothing to train" in again.stdout + again.stderr
-  assert "step 1/6" not in again.stdout + again.stderr
+  assert f"step 1/{TOTAL_STEPS}" not in again.stdout + again.stderr
 
 
-def test_kill_9_then_resume_is_bitwise_identical(tmp_path, env):
-  extra = ["--config.num_epochs=3", "--config.checkpoint_every_steps=1"]
-  reference = tmp_path / "uninterrupted"
-  _run(_main_cmd(reference, "dgcl", extra), env)
-
+def test_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
+  reference, _ = dgcl_run
   workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen(_main_cmd(workdir, "dgcl", extra), env=env, cwd=_ROOT,
+  proc = subprocess.Popen(_main_cmd(workdir, "dgcl", RUN), env=env, cwd=_ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   killed = False
@@ -116,11 +133,11 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, env):
     time.sleep(0.05)
   proc.wait()
   assert killed, "the run finished before it could be killed"
-  _run(_main_cmd(workdir, "dgcl", extra), env)
+  _run(_main_cmd(workdir, "dgcl", RUN), env)
 
   step_a, params_a = _final_params(reference)
   step_b, params_b = _final_params(workdir)
-  assert step_a == step_b == 9
+  assert step_a == step_b == TOTAL_STEPS
   assert params_a.keys() == params_b.keys()
   for key in params_a:
     np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
@@ -132,3 +149,18 @@ def test_bad_config_gives_one_clear_line(tmp_path, env):
   assert proc.returncode != 0
   assert "batch_size=3" in proc.stderr
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, env):
+  workdir = tmp_path / "nan"
+  # A learning rate this large overflows the parameters within a few steps.
+  proc = subprocess.run(_main_cmd(workdir, "supervised", ["--config.optim.base_lr=1e30", *RUN]), env=env,
+                        capture_output=True, text=True, timeout=600, cwd=_ROOT)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "non-finite loss at step" in proc.stderr
+  names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+  if any(n.isdigit() for n in names):
+    _, params = _final_params(workdir)
+    for key, value in params.items():
+      if value.dtype.kind == "f":
+        assert np.all(np.isfinite(value)), key

@@ -164,3 +164,42 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
     for key, value in params.items():
       if value.dtype.kind == "f":
         assert np.all(np.isfinite(value)), key
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, env):
+  workdir = tmp_path / "term"
+  proc = subprocess.Popen(_main_cmd(workdir, "supervised", RUN), env=env, cwd=_ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+    if any(n.isdigit() and int(n) >= 2 for n in names):
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Stopped at step" in err, err[-3000:]
+  stopped = int(err.split("Stopped at step ")[1].split()[0])
+  assert stopped < TOTAL_STEPS
+  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+  again = _run(_main_cmd(workdir, "supervised", RUN), env)
+  assert "final: student mIoU" in again.stdout + again.stderr
+  assert (workdir / "checkpoints" / str(TOTAL_STEPS)).is_dir()
+
+
+def test_predict_writes_masks_and_overlays(dgcl_run, tmp_path, env):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _ = dgcl_run
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for name, size in (("a.png", (40, 30)), ("b.jpg", (50, 50))):
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / name)
+  out = tmp_path / "out"
+  _run([sys.executable, "scripts/predict.py", f"--config={_ROOT}/configs/synthetic.py:dgcl", f"--workdir={workdir}",
+        "--checkpoint=latest", f"--input={images}", f"--output={out}", *TINY, *RUN], env)
+  for stem, size in (("a", (40, 30)), ("b", (50, 50))):
+    mask = Image.open(out / f"{stem}_mask.png")
+    assert mask.size == size and mask.mode == "RGB"
+    assert Image.open(out / f"{stem}_overlay.png").size == size

@@ -4,6 +4,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -24,6 +25,10 @@ def _small(**overrides):
 
 
 def _parity(m, size, batch=2, seed=0):
+  # Parity of the float32 network (the real configs train the student in bfloat16; evaluation and
+  # the teacher run in float32).
+  m = ml_collections.ConfigDict(m.to_dict())
+  m.dtype = "float32"
   torch.manual_seed(seed)
   tm = tr.randomize_(tr.TorchSegModel(m), seed).eval()
   x = torch.randn(batch, 3, size, size)

@@ -16,16 +16,11 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dgcl_jax import restore  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
-_VARIABLES = flags.DEFINE_string("variables", None, "A converted variables checkpoint (instead of --workdir).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest, or a step number.")
-_MODEL = flags.DEFINE_enum("model", "teacher", ["teacher", "student"], "Which network to evaluate.")
+_CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = restore.define_checkpoint_flags("Which network to evaluate.")
 _MODE = flags.DEFINE_enum("mode", "center", ["center", "sliding"], "Center crop or sliding window.")
 _SCALES = flags.DEFINE_list("scales", ["1.0"], "Scales for sliding-window evaluation.")
 _FLIP = flags.DEFINE_bool("flip", False, "Add horizontally flipped predictions.")
@@ -38,7 +33,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import evaluation, restore, summaries, train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import evaluation, summaries, train  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:

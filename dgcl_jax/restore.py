@@ -13,13 +13,15 @@ def define_checkpoint_flags(model_help: str):
   (config, workdir, variables, checkpoint, model)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  return (
+  holders = (
       config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True),
       flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/."),
       flags.DEFINE_string("variables", None, "A converted variables checkpoint (instead of --workdir)."),
       flags.DEFINE_string("checkpoint", "best", "best, latest, or a step number."),
       flags.DEFINE_enum("model", "teacher", ["teacher", "student"], model_help),
   )
+  flags.mark_flags_as_required(["config"])
+  return holders
 
 
 def load_model_variables(config, fns, *, workdir: str | None = None, variables_dir: str | None = None,

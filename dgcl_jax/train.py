@@ -314,7 +314,7 @@ class StepFunctions:
         # optimizer step moves both: the teacher ends the step equal to the updated student.
         teacher_params = jax.tree_util.tree_map(lambda t, st: jnp.where(reset, st, t), teacher_params, params)
     metrics["total"] = total
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     # A non-finite update shows here before the parameters can reach a checkpoint.
     metrics["params_finite"] = jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])).astype(jnp.float32)

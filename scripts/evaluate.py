@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: mIoU, per-class IoU table, optional colorized predictions.
 
   python scripts/evaluate.py --config=configs/pascal.py:732 --workdir=runs/pascal732 \
-      [--checkpoint=best|latest|STEP] [--model=teacher|student] [--mode=center|sliding] \
+      [--checkpoint=best|latest|STEP] [--model=auto|teacher|student] [--mode=center|sliding] \
       [--scales=1.0,...] [--flip] [--output_json=FILE] [--save_predictions=DIR]
 
 A checkpoint converted from the reference's PyTorch training checkpoints
@@ -46,7 +46,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  module = fns.teacher if _MODEL.value == "teacher" else fns.student
+  module = fns.teacher if source["model"] == "teacher" else fns.student
   num_classes = config.model.num_classes
   palette = np.asarray(pipeline.palette(num_classes))
   conf = np.zeros((num_classes, num_classes), np.int64)
@@ -90,11 +90,11 @@ def main(argv):
   print(f"{'class':<{width}}  IoU (%)")
   for name, value in zip(names, iou):
     print(f"{name:<{width}}  {100 * value:6.2f}")
-  print(f"mIoU: {100 * miou:.2f} ({_MODEL.value}, {_MODE.value}, scales {list(scales)}, flip {_FLIP.value})")
+  print(f"mIoU: {100 * miou:.2f} ({source['model']}, {_MODE.value}, scales {list(scales)}, flip {_FLIP.value})")
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump({"miou": miou, "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
-                 "model": _MODEL.value, "mode": _MODE.value, "scales": list(scales), "flip": _FLIP.value,
+                 "mode": _MODE.value, "scales": list(scales), "flip": _FLIP.value,
                  **source}, f, indent=2)
   return 0
 

@@ -1,7 +1,7 @@
 """Predict segmentation masks for a folder of images: colorized masks and overlays.
 
   python scripts/predict.py --config=configs/pascal.py:732 --workdir=runs/pascal732 \
-      --input=my_images/ --output=predictions/ [--checkpoint=best] [--model=teacher] [--mode=sliding]
+      --input=my_images/ --output=predictions/ [--checkpoint=best] [--model=auto] [--mode=sliding]
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ def main(argv):
     return 1
   try:
     fns = train.StepFunctions(config, train.make_mesh(), max(1, pipeline.steps_per_epoch(config)))
-    variables, _ = restore.load_model_variables(
+    variables, source = restore.load_model_variables(
         config, fns, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
         model=_MODEL.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  module = fns.teacher if _MODEL.value == "teacher" else fns.student
+  module = fns.teacher if source["model"] == "teacher" else fns.student
   predictor = evaluation.Predictor(module, variables, config.model.num_classes, config.data.val_crop_size)
   palette = np.asarray(pipeline.palette(config.model.num_classes))
   os.makedirs(_OUTPUT.value, exist_ok=True)

@@ -94,6 +94,15 @@ def test_baseline_methods_run_end_to_end(method, tmp_path, env):
   workdir = tmp_path / method
   proc = _run(_main_cmd(workdir, method, RUN), env)
   _check_run(workdir, proc.stdout + proc.stderr, method)
+  if method == "supervised":
+    # evaluate.py's default (--model=auto) evaluates the student: a supervised run trains no teacher.
+    out_json = tmp_path / "supervised.json"
+    proc = _run([sys.executable, "scripts/evaluate.py", f"--config={_ROOT}/configs/synthetic.py:supervised",
+                 f"--workdir={workdir}", "--checkpoint=latest", f"--output_json={out_json}", *TINY, *RUN], env)
+    result = json.load(open(out_json))
+    assert result["model"] == "student"
+    in_training = json.load(open(workdir / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"))["final"]
+    assert result["miou"] == pytest.approx(in_training["student_miou"], abs=1e-6)
 
 
 def test_dgcl_runs_end_to_end_evaluates_and_does_not_retrain(dgcl_run, tmp_path, env):

@@ -115,6 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
   l.contrastive_percent_min = 10.0
   l.unsup_scale_quirk = True    # multiply the mean by B*H*W / valid (s.3 step 6); False: plain mean
   l.cutmix_prob = 0.5
+  l.pseudo_labels = "teacher"   # teacher | ground_truth: a diagnostic upper bound, not the method: the
+                                #    unlabeled images' own labels replace the teacher's pseudo labels
   l.quantile_method = "sort"    # sort (numpy linear) | histogram
 
   g = c.dgcl = ml_collections.ConfigDict()
@@ -198,6 +200,8 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices")
   if config.model.depth not in (14, 50, 101):
     raise ConfigError(f"config.model.depth={config.model.depth}: expected 14, 50 or 101")
+  if config.loss.pseudo_labels not in ("teacher", "ground_truth"):
+    raise ConfigError(f"config.loss.pseudo_labels={config.loss.pseudo_labels!r}: expected teacher or ground_truth")
   if config.loss.quantile_method not in ("sort", "histogram"):
     raise ConfigError(f"config.loss.quantile_method={config.loss.quantile_method!r}: expected sort or histogram")
   if config.model.dtype not in ("float32", "bfloat16"):

@@ -182,7 +182,8 @@ class StepFunctions:
     """One optimizer step on the global batch.
 
     batch: 'labeled_image' [B, H, W, 3], 'labeled_label' [B, H, W], 'unlabeled_image'
-    [B, H, W, 3], 'unlabeled_ignore' [B, H, W] (255 = padding). `semi` (static) selects the
+    [B, H, W, 3], 'unlabeled_ignore' [B, H, W] (255 = padding), 'unlabeled_label' [B, H, W] only with
+    config.loss.pseudo_labels='ground_truth'. `semi` (static) selects the
     supervised-epoch step or the semi-supervised one.
     """
     cfg = self.config
@@ -232,6 +233,8 @@ class StepFunctions:
       drop = schedules.drop_percent(p, cfg.loss.drop_percent)
       pseudo = jax.vmap(functools.partial(losses.pseudo_labels, method=cfg.loss.quantile_method),
                         in_axes=(0, 0, None))(_slices(t_logits_u, s), _slices(ignore, s), drop)
+      if cfg.loss.pseudo_labels == "ground_truth":  # diagnostic upper bound (config_base)
+        pseudo = _slices(batch["unlabeled_label"], s)
       # 3. CutMix within each slice.
       mix_keys = jax.random.split(k_cutmix, s)
       mixed_images, mixed_pseudo, mixed_ignore = jax.vmap(

@@ -401,3 +401,29 @@ def test_load_image_and_normalize(tmp_path):
   x = pipeline.normalize(image, c)
   np.testing.assert_allclose(x, (image - MEAN) / STD, rtol=1e-5, atol=1e-5)
   assert sources.read_list(c.data.unlabeled_list)[-1] == ids[10]
+
+
+def test_ground_truth_pseudo_labels_line_up_with_the_unlabeled_images(tmp_path):
+  """config.loss.pseudo_labels='ground_truth' adds the unlabeled images' own labels, same crops."""
+  c, ids, _ = _pascal_config(tmp_path, crop=48)
+  plain = _take(pipeline.create_train_iterator(c, 0, 1), 3)
+  assert "unlabeled_label" not in plain[0]
+  c.loss.pseudo_labels = "ground_truth"
+  pipeline.check_inputs(c)
+  agree = []
+  for b, p in zip(_take(pipeline.create_train_iterator(c, 0, 1), 3), plain):
+    for k in p:
+      np.testing.assert_array_equal(b[k], p[k])
+    lab = b["unlabeled_label"]
+    assert lab.dtype == np.int32
+    assert np.all(lab[b["unlabeled_ignore"] == 255] == 255)
+    real = b["unlabeled_ignore"] != 255
+    red = _denorm(b["unlabeled_image"])[..., 0]
+    agree.append(np.mean((np.abs(red - np.where(lab == 255, 250, lab * 40)) < 12)[real]))
+  assert np.mean(agree) > 0.85, agree
+  # A missing label of an unlabeled image is named before anything runs.
+  os.remove(tmp_path / "voc" / "SegmentationClassAug" / f"{ids[3]}.png")
+  with pytest.raises(DataError, match=f"{ids[3]}.png: label file not found"):
+    pipeline.check_inputs(c)
+  c.loss.pseudo_labels = "teacher"
+  pipeline.check_inputs(c)

@@ -80,6 +80,7 @@ def test_shipped_configs_validate():
     (lambda c: c.data.update({"crop_size": 8}), "config.data.crop_size=8"),
     (lambda c: c.loss.update({"unsup_weight": -1.0}), "config.loss.unsup_weight=-1.0"),
     (lambda c: c.model.update({"num_classes": 7}), "config.model.num_classes=7"),
+    (lambda c: c.loss.update({"pseudo_labels": "oracle"}), "config.loss.pseudo_labels='oracle'"),
 ])
 def test_validate_rejects_bad_values(mutate, message):
   config = load_config("synthetic")
@@ -277,3 +278,30 @@ def test_contrastive_gradient_quirk_scales_only_the_gradient():
   d_clean = delta(results["clean"][0], results["none"][0])
   assert np.abs(d_clean).max() > 0
   np.testing.assert_allclose(d_quirk, d_clean / config.num_slices, rtol=0, atol=2e-3 * np.abs(d_clean).max())
+
+
+def test_ground_truth_pseudo_labels_replace_the_teachers():
+  """pseudo_labels='ground_truth' trains the mixed part on batch['unlabeled_label'].
+
+  Unlabeled = labeled images, their labels as ground truth, no CutMix, no dropout, no scale quirk:
+  the student sees each image twice in one batch, so the unsupervised loss equals the supervised.
+  """
+  config = tiny_config("self_training")
+  config.loss.pseudo_labels = "ground_truth"
+  config.loss.cutmix_prob = 0.0
+  config.loss.unsup_scale_quirk = False
+  config.model.dropout_rate = 0.0
+  fns = step_functions(config, 1)
+  batch = _random_batch(config)
+  batch["unlabeled_image"] = batch["labeled_image"]
+  batch["unlabeled_ignore"] = np.where(batch["labeled_label"] == 255, 255, 0).astype(np.int32)
+  losses = {}
+  labels = batch["labeled_label"]
+  shifted = np.where(labels == 255, 255, (labels + 1) % config.model.num_classes).astype(np.int32)
+  for name, gt in (("same", labels), ("shifted", shifted)):
+    state = jax.device_put(initial_state(config), fns.replicated)
+    _, metrics, _ = fns.train_step(state, jax.device_put(dict(batch, unlabeled_label=gt), fns.batch_sharding),
+                                   semi=True)
+    losses[name] = {k: float(v) for k, v in metrics.items()}
+  assert losses["same"]["unsup"] == pytest.approx(losses["same"]["sup"], rel=1e-4)
+  assert abs(losses["shifted"]["unsup"] - losses["same"]["unsup"]) > 1e-3  # near-uniform logits at init

@@ -62,7 +62,7 @@ def check_inputs(config) -> None:
   """Cheap checks before anything compiles; raises DataError naming the file and the problem."""
   splits = sources.build_splits(config)
   splits.labeled.check(with_labels=True)
-  splits.unlabeled.check(with_labels=False)
+  splits.unlabeled.check(with_labels=config.loss.pseudo_labels == "ground_truth")
   splits.val.check(with_labels=True)
 
 
@@ -116,12 +116,13 @@ class _TrainRows:
   """Random access to this process's rows of the training stream from `start_step` on."""
 
   def __init__(self, splits, params, seed, n_sup, steps, batch_size, num_slices, process_index,
-               local_batch, start_step, labeled_map, unlabeled_map):
+               local_batch, start_step, labeled_map, unlabeled_map, with_unlabeled_labels=False):
     self.labeled, self.unlabeled, self.params = splits.labeled, splits.unlabeled, params
     self.seed, self.n_sup, self.steps = seed, n_sup, steps
     self.slice_batch, self.num_slices = batch_size // num_slices, num_slices
     self.row0, self.local_batch, self.start_step = process_index * local_batch, local_batch, start_step
     self.labeled_map, self.unlabeled_map = labeled_map, unlabeled_map
+    self.with_unlabeled_labels = with_unlabeled_labels
     self._perm = (None, None)
 
   def __len__(self) -> int:
@@ -148,11 +149,15 @@ class _TrainRows:
     image, label = self.labeled.load(lab, with_label=True)
     rng = np.random.default_rng([self.seed, _LABELED, epoch, pos])
     l_image, l_label = transforms.train_transform(image, label, rng, self.params)
-    image, _ = self.unlabeled.load(unl, with_label=False)
+    image, u_label = self.unlabeled.load(unl, with_label=self.with_unlabeled_labels)
     rng = np.random.default_rng([self.seed, _UNLABELED, epoch, pos])
     u_image, u_ignore = transforms.train_transform(image, None, rng, self.params)
-    return {"labeled_image": l_image, "labeled_label": l_label,
-            "unlabeled_image": u_image, "unlabeled_ignore": u_ignore}
+    row = {"labeled_image": l_image, "labeled_label": l_label,
+           "unlabeled_image": u_image, "unlabeled_ignore": u_ignore}
+    if self.with_unlabeled_labels:  # the same draws, so the label lines up with the image
+      row["unlabeled_label"] = transforms.train_transform(
+          image, u_label, np.random.default_rng([self.seed, _UNLABELED, epoch, pos]), self.params)[1]
+    return row
 
 
 def _grain_iter(rows, batch: int | None, num_workers: int, buffer: int):
@@ -233,7 +238,8 @@ class TrainIterator:
     c = self._config
     return _TrainRows(self._splits, self._params, int(c.seed), self.n_sup, self.steps_per_epoch,
                       int(c.batch_size), int(c.num_slices), self.process_index, self.local_batch,
-                      start_step, self._labeled_map, self._unlabeled_map)
+                      start_step, self._labeled_map, self._unlabeled_map,
+                      with_unlabeled_labels=c.loss.pseudo_labels == "ground_truth")
 
   def _start(self):
     self._it = _grain_iter(self._rows(self.step), self.local_batch, self._workers,
@@ -287,7 +293,7 @@ def create_train_iterator(config, process_index: int | None = None,
   Keys: 'labeled_image' float32 [b, crop, crop, 3], 'labeled_label' int32 [b, crop, crop],
   'unlabeled_image' float32 [b, crop, crop, 3], 'unlabeled_ignore' int32 [b, crop, crop]
   (255 on padding), with b = batch_size // process_count, rows [p * b, (p + 1) * b) of the
-  global batch.
+  global batch; with config.loss.pseudo_labels='ground_truth' also 'unlabeled_label' int32.
   """
   p, n = _process(process_index, process_count)
   return TrainIterator(config, p, n)

@@ -290,10 +290,12 @@ def build_splits(config) -> Splits:
   check_root(config)
   fn = {"pascal": _pascal_paths, "cityscapes": _cityscapes_paths}.get(d.name) or _custom_paths_fn(d)
   labeled = _file_split(d.root, d.labeled_list, int(d.num_classes), ignore, fn)
+  # Labels of unlabeled images only for the ground-truth pseudo-label diagnostic (config.loss).
+  oracle = config.loss.pseudo_labels == "ground_truth"
   if d.unlabeled_list:
-    unlabeled = _file_split(d.root, d.unlabeled_list, int(d.num_classes), ignore, fn, with_labels=False)
+    unlabeled = _file_split(d.root, d.unlabeled_list, int(d.num_classes), ignore, fn, with_labels=oracle)
   else:  # no unlabeled list: the labeled images (without their labels) serve as the unlabeled set
-    unlabeled = dataclasses.replace(labeled, labels=None)
+    unlabeled = labeled if oracle else dataclasses.replace(labeled, labels=None)
   val = _file_split(d.root, d.val_list, int(d.num_classes), ignore, fn)
   return Splits(labeled, unlabeled, val)
 

@@ -82,17 +82,18 @@ def main(argv):
   state, metrics, _ = fns.train_step(state, batch, semi=args.semi)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  print(f"config: {args.config} method={config.method} batch={b}+{b} crop={crop} dtype={config.model.dtype} "
+        f"semi={args.semi} full_bank={args.full_bank}")
+  print(f"first step (compile + run): {compile_s:.1f} s", flush=True)
   times = []
-  for _ in range(args.steps):
+  for i in range(args.steps):
     t0 = time.perf_counter()
     state, metrics, _ = fns.train_step(state, batch, semi=args.semi)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+    print(f"  step {i + 1}: {1000 * times[-1]:.1f} ms", flush=True)
   median = float(np.median(times))
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-  print(f"config: {args.config} method={config.method} batch={b}+{b} crop={crop} dtype={config.model.dtype} "
-        f"semi={args.semi} full_bank={args.full_bank}")
-  print(f"first step (compile + run): {compile_s:.1f} s")
   print(f"step: median {1000 * median:.1f} ms over {args.steps} | {2 * b / median:.1f} images/s")
   print("losses: " + ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()))
   stats = jax.devices()[0].memory_stats() or {}

@@ -16,7 +16,7 @@ import functools
 import numpy as np
 
 SHAPES = ("disc", "square", "triangle", "stripes")
-_SPLIT_IDS = {"labeled": 1, "unlabeled": 2, "val": 3}
+_SPLIT_IDS = {"labeled": 1, "unlabeled": 2, "val": 3, "pretrain": 4}
 
 
 @functools.lru_cache(maxsize=8)

@@ -145,6 +145,19 @@ class ConfigError(ValueError):
   """A configuration value that cannot run."""
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'path/to/config.py[:arg]' -> its get_config(arg) (get_config() without an arg), for scripts."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location("_dgcl_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def _check_keys(cfg, ref, prefix=""):
   for key in cfg.keys():
     name = f"{prefix}{key}"

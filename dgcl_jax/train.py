@@ -230,11 +230,12 @@ class StepFunctions:
           teacher_params, state.teacher_batch_stats, jnp.concatenate([labeled, unlabeled]), k_teacher)
       t_logits_u = t_out["pred"][b:]
       # 2. Pseudo labels at crop size, entropy filtered per slice.
-      drop = schedules.drop_percent(p, cfg.loss.drop_percent)
-      pseudo = jax.vmap(functools.partial(losses.pseudo_labels, method=cfg.loss.quantile_method),
-                        in_axes=(0, 0, None))(_slices(t_logits_u, s), _slices(ignore, s), drop)
       if cfg.loss.pseudo_labels == "ground_truth":  # diagnostic upper bound (config_base)
         pseudo = _slices(batch["unlabeled_label"], s)
+      else:
+        drop = schedules.drop_percent(p, cfg.loss.drop_percent)
+        pseudo = jax.vmap(functools.partial(losses.pseudo_labels, method=cfg.loss.quantile_method),
+                          in_axes=(0, 0, None))(_slices(t_logits_u, s), _slices(ignore, s), drop)
       # 3. CutMix within each slice.
       mix_keys = jax.random.split(k_cutmix, s)
       mixed_images, mixed_pseudo, mixed_ignore = jax.vmap(

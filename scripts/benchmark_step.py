@@ -10,17 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
-import os
 import time
-
-
-def _load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def _set(config, assignment: str):
@@ -48,9 +38,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import config_base, train  # pylint: disable=g-import-not-at-top
 
-  config = _load_config(args.config)
+  config = config_base.load_config_file(args.config)
   for assignment in args.set:
     _set(config, assignment)
   config.steps_per_epoch = 1000

@@ -12,7 +12,6 @@ init); a full model writes everything. Errors print one line and exit with statu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pickle
 import sys
@@ -20,6 +19,8 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+from dgcl_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _STATE_KEYS = ("model_state", "state_dict", "teacher_state")
 
@@ -30,13 +31,10 @@ class _Fail(Exception):
 
 def load_config(spec: str):
   """'path/to/config.py[:arg]' -> get_config(arg)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise _Fail(f"config file {path!r} not found")
-  module_spec = importlib.util.spec_from_file_location("_convert_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return config_base.load_config_file(spec)
+  except config_base.ConfigError as e:
+    raise _Fail(str(e)) from e
 
 
 def read_state_dict(path: str, state: str | None):

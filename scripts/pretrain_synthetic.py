@@ -15,7 +15,6 @@ backbone-only orbax directory that `config.model.pretrained` loads (as a convert
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -23,16 +22,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def _load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise SystemExit(f"--config: no such file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("pretrain_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def make_dataset(num_images: int, seed: int, size: int, num_classes: int):
@@ -134,7 +123,11 @@ def main(argv):
   for name in ("num_images", "steps", "batch_size"):
     if getattr(args, name) <= 0:
       raise SystemExit(f"--{name}={getattr(args, name)}: must be positive")
-  config = _load_config(args.config)
+  from dgcl_jax import config_base  # pylint: disable=g-import-not-at-top
+  try:
+    config = config_base.load_config_file(args.config)
+  except config_base.ConfigError as e:
+    raise SystemExit(f"--config: {e}") from e
   from dgcl_jax import convert  # pylint: disable=g-import-not-at-top
   variables, _ = pretrain(config, num_images=args.num_images, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dgcl_jax import train
+from dgcl_jax import config_base, train
 from dgcl_jax.data import synthetic
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def script():
 
 
 def _tiny_config():
-  config = _module("synthetic_config", os.path.join(_ROOT, "configs", "synthetic.py")).get_config("supervised")
+  config = config_base.load_config_file(os.path.join(_ROOT, "configs", "synthetic.py") + ":supervised")
   config.model.base_width = 4
   config.model.decoder_channels = 8
   config.model.low_level_channels = 4

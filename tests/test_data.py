@@ -1,6 +1,7 @@
 """Input pipeline: layouts, transforms, determinism, sharding, resume, validation, bad input."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -427,3 +428,126 @@ def test_ground_truth_pseudo_labels_line_up_with_the_unlabeled_images(tmp_path):
     pipeline.check_inputs(c)
   c.loss.pseudo_labels = "teacher"
   pipeline.check_inputs(c)
+
+
+# ----------------------------------------------------------------------------- start-up check of the val set
+
+
+def test_val_set_checked_at_start(tmp_path):
+  """Bad validation files are named by check_inputs (and check_val_inputs), before any training."""
+  c, ids, sizes = _pascal_config(tmp_path, n_lab=2, n_unl=4, n_val=3, batch=2)
+  labels = tmp_path / "voc" / "SegmentationClassAug"
+  pipeline.check_inputs(c)
+  (h0, w0), (h1, w1) = sizes[-3], sizes[-2]
+  v0, v1 = labels / f"{ids[-3]}.png", labels / f"{ids[-2]}.png"
+  good0, good1 = v0.read_bytes(), v1.read_bytes()
+  q0, q1 = re.escape(str(v0)), re.escape(str(v1))
+
+  bad = np.zeros((h0, w0), np.uint8)
+  bad[5, 5] = 40
+  Image.fromarray(bad, mode="L").save(v0)
+  for check in (pipeline.check_inputs, pipeline.check_val_inputs):
+    _expect(rf"^{q0}: label values \[40\] outside \[0, 5\) and not 255 \(listed in .*val.txt\)$", check, c)
+  # Several bad entries: the first in list order is named, the others counted.
+  Image.fromarray(np.zeros((h1 + 1, w1), np.uint8), mode="L").save(v1)
+  _expect(rf"^{q0}: label values \[40\] .*; 1 more bad entries in this list\)$", pipeline.check_inputs, c)
+  v0.write_bytes(good0)
+  _expect(rf"^{q1}: image size {w1}x{h1} differs from label size {w1}x{h1 + 1} ", pipeline.check_inputs, c)
+  v1.write_bytes(good1[:60])  # truncated: the header survives, the pixels do not
+  _expect(rf"^{q1}: cannot decode label ", pipeline.check_inputs, c)
+  v1.write_bytes(b"not a png")
+  _expect(rf"^{q1}: cannot decode label ", pipeline.check_val_inputs, c)
+  Image.fromarray(np.zeros((h1, w1, 3), np.uint8)).save(v1)
+  _expect(rf"^{q1}: label image has mode RGB; expected 8-bit 'L' or palette 'P'", pipeline.check_inputs, c)
+  Image.fromarray(np.ones((h1, w1), np.uint16)).save(v1)  # 16-bit, although its values would fit
+  _expect(rf"^{q1}: label image has mode I;16; expected 8-bit 'L' or palette 'P'", pipeline.check_inputs, c)
+  os.remove(v1)
+  _expect(rf"^{q1}: label file not found", pipeline.check_val_inputs, c)
+  palette_mask = Image.fromarray(np.full((h1, w1), 4, np.uint8), mode="P")
+  palette_mask.putpalette(pipeline.palette(256).ravel().tolist())
+  palette_mask.save(v1)  # VOC's own format: palette indices are the classes
+  pipeline.check_inputs(c)
+  palette_mask.putpixel((0, 0), 40)
+  palette_mask.save(v1)
+  _expect(rf"^{q1}: label values \[40\] outside", pipeline.check_val_inputs, c)
+  v1.write_bytes(good1)
+  (tmp_path / "voc" / "JPEGImages" / f"{ids[-1]}.jpg").write_bytes(b"garbage")
+  _expect(rf"{ids[-1]}.jpg: cannot decode image ", pipeline.check_val_inputs, c)
+
+
+def test_bad_val_mask_stops_training_before_it_starts(tmp_path, monkeypatch):
+  from dgcl_jax import train
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("training was set up before the validation set was checked")
+  monkeypatch.setattr(train, "StepFunctions", no_training)
+  c, ids, sizes = _pascal_config(tmp_path, n_lab=2, n_unl=8, n_val=2, batch=4)
+  c.model.pretrained = "none"
+  h, w = sizes[-1]
+  Image.fromarray(np.full((h, w), 40, np.uint8), mode="L").save(
+      tmp_path / "voc" / "SegmentationClassAug" / f"{ids[-1]}.png")
+  with pytest.raises(DataError, match=rf"{ids[-1]}.png: label values \[40\]"):
+    train.train_and_evaluate(c, str(tmp_path / "work"))
+  assert not os.path.exists(tmp_path / "work" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------- image modes
+
+
+def _saved(tmp_path, name, im, **kw):
+  path = str(tmp_path / name)
+  im.save(path, **kw)
+  return path
+
+
+def test_16_bit_grayscale_images_are_scaled(tmp_path):
+  v = np.random.default_rng(0).integers(0, 65536, (7, 9)).astype(np.uint16)
+  v[0, :4] = [0, 128, 129, 65535]  # 128 / 257 rounds down, 129 / 257 up
+  expect = np.repeat(np.round(v.astype(np.float64) * 255 / 65535).astype(np.uint8)[..., None], 3, -1)
+  png = _saved(tmp_path, "g16.png", Image.fromarray(v))
+  assert Image.open(png).mode == "I;16"
+  big_endian = _saved(tmp_path, "g16b.tif", Image.frombytes("I;16B", (9, 7), v.astype(">u2").tobytes()))
+  assert Image.open(big_endian).mode == "I;16B"
+  int32 = _saved(tmp_path, "g32.tif", Image.fromarray(v.astype(np.int32)))
+  assert Image.open(int32).mode == "I"
+  for path in (png, big_endian, int32):
+    np.testing.assert_array_equal(pipeline.load_image(path), expect)
+  assert expect[0, :4, 0].tolist() == [0, 0, 1, 255]
+  wide = _saved(tmp_path, "wide.tif", Image.fromarray(np.full((3, 3), 70000, np.int32)))
+  _expect(rf"^{re.escape(wide)}: image mode I has values in \[70000, 70000\]; expected \[0, 65535\]$",
+          pipeline.load_image, wide)
+  floats = _saved(tmp_path, "f.tif", Image.fromarray(np.ones((3, 3), np.float32)))
+  _expect(rf"^{re.escape(floats)}: image mode F is not supported", pipeline.load_image, floats)
+
+
+def test_other_image_modes_load_as_rgb(tmp_path):
+  rgb = np.random.default_rng(1).integers(0, 256, (6, 5, 3)).astype(np.uint8)
+  alpha = np.random.default_rng(2).integers(0, 256, (6, 5)).astype(np.uint8)
+  rgba = _saved(tmp_path, "a.png", Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA"))
+  np.testing.assert_array_equal(pipeline.load_image(rgba), rgb)  # alpha dropped, colours kept
+  la = _saved(tmp_path, "la.png", Image.fromarray(np.dstack([rgb[..., 0], alpha]), mode="LA"))
+  np.testing.assert_array_equal(pipeline.load_image(la), np.repeat(rgb[..., :1], 3, -1))
+  gray = _saved(tmp_path, "l.png", Image.fromarray(rgb[..., 1], mode="L"))
+  np.testing.assert_array_equal(pipeline.load_image(gray), np.repeat(rgb[..., 1:2], 3, -1))
+  index = np.arange(30, dtype=np.uint8).reshape(6, 5)
+  pal = Image.fromarray(index, mode="P")
+  pal.putpalette(rgb.reshape(-1).tolist())  # palette entry k = pixel k's colour
+  pal = _saved(tmp_path, "p.png", pal, transparency=3)
+  np.testing.assert_array_equal(pipeline.load_image(pal), rgb)
+  cmyk = np.zeros((1, 3, 4), np.uint8)
+  cmyk[0, 0, 0] = cmyk[0, 1, 3] = 255  # pure cyan, pure black, white
+  path = _saved(tmp_path, "c.jpg", Image.fromarray(cmyk, mode="CMYK"), quality=100)
+  assert Image.open(path).mode == "CMYK"
+  np.testing.assert_allclose(pipeline.load_image(path).astype(int), [[[0, 255, 255], [0, 0, 0], [255, 255, 255]]],
+                             atol=3)  # JPEG rounding
+
+
+def test_labels_must_be_8_bit_or_palette(tmp_path):
+  for name, im in (("rgb.png", Image.fromarray(np.zeros((4, 4, 3), np.uint8))),
+                   ("i16.png", Image.fromarray(np.ones((4, 4), np.uint16))),
+                   ("la.png", Image.fromarray(np.zeros((4, 4, 2), np.uint8), mode="LA"))):
+    path = _saved(tmp_path, name, im)
+    _expect(rf"^{re.escape(path)}: label image has mode {im.mode}; expected 8-bit 'L' or palette 'P' class indices$",
+            sources.load_label, path, NUM_CLASSES)
+  path = _saved(tmp_path, "l.png", Image.fromarray(np.full((4, 4), 255, np.uint8), mode="L"))
+  assert sources.load_label(path, NUM_CLASSES).tolist() == [[255] * 4] * 4

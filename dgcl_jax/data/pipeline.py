@@ -23,8 +23,8 @@ from dgcl_jax.data import transforms
 from dgcl_jax.data.sources import DataError, load_image  # re-exported
 
 __all__ = [
-    "DataError", "check_inputs", "steps_per_epoch", "create_train_iterator", "create_val_iterator",
-    "num_val_images", "class_names", "palette", "load_image", "normalize", "num_unlabeled",
+    "DataError", "check_inputs", "check_val_inputs", "steps_per_epoch", "create_train_iterator",
+    "create_val_iterator", "num_val_images", "class_names", "palette", "load_image", "normalize", "num_unlabeled",
 ]
 
 _LABELED, _UNLABELED = 1, 2
@@ -59,11 +59,23 @@ def palette(num_classes: int) -> np.ndarray:
 
 
 def check_inputs(config) -> None:
-  """Cheap checks before anything compiles; raises DataError naming the file and the problem."""
+  """Before anything compiles: the training lists and the validation set (check_val_inputs).
+
+  Training files are only required to exist (a stat each: Pascal's ~10k unlabeled images, whose
+  labels need not exist, REFERENCE.md section 2); their decoding problems surface when read.
+  Raises DataError, one line naming the file and the problem.
+  """
   splits = sources.build_splits(config)
   splits.labeled.check(with_labels=True)
   splits.unlabeled.check(with_labels=config.loss.pseudo_labels == "ground_truth")
-  splits.val.check(with_labels=True)
+  splits.val.check(with_labels=True, decode_labels=True)
+
+
+def check_val_inputs(config) -> None:
+  """The validation set alone, in parallel threads: every image's header and mode, every label
+  decoded (mode 'L' or 'P', size equal to its image's, class ids < num_classes or ignore_label).
+  Images are not decoded (a truncated JPEG is named when read). Raises DataError, one line."""
+  sources.build_val_split(config).check(with_labels=True, decode_labels=True)
 
 
 def num_unlabeled(config) -> int:
@@ -88,7 +100,7 @@ def steps_per_epoch(config) -> int:
 
 
 def num_val_images(config) -> int:
-  return len(sources.build_splits(config).val)
+  return len(sources.build_val_split(config))
 
 
 def _num_workers(config) -> int:
@@ -373,7 +385,7 @@ def create_val_iterator(config, mode: str = "center", process_index: int | None 
   (images p, p + P, ...; batch_size is ignored).
   """
   p, n = _process(process_index, process_count)
-  split = sources.build_splits(config).val
+  split = sources.build_val_split(config)
   params = transforms.TransformParams.from_config(config, crop_size=int(config.data.val_crop_size))
   workers, buffer = _num_workers(config), int(config.data.prefetch_buffer_size)
   if mode == "full":

@@ -8,6 +8,7 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -37,12 +38,46 @@ def read_list(path: str) -> list[str]:
   return lines
 
 
+# Modes that PIL's convert("RGB") maps faithfully (alpha dropped, palette looked up, CMYK and
+# YCbCr converted); 16-bit grayscale is scaled by hand, since PIL clips it to 255.
+_RGB_MODES = frozenset(("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "HSV"))
+_GRAY16_MODES = frozenset(("I;16", "I;16L", "I;16B", "I;16N", "I"))
+_LABEL_MODES = ("L", "P")
+
+
+def _check_image_mode(mode: str, path: str) -> None:
+  if mode not in _RGB_MODES and mode not in _GRAY16_MODES:
+    raise DataError(f"{path}: image mode {mode} is not supported; expected RGB, RGBA, grayscale (8 or 16 bit), "
+                    "palette, CMYK or YCbCr")
+
+
+def _check_label_mode(mode: str, path: str) -> None:
+  if mode not in _LABEL_MODES:
+    raise DataError(f"{path}: label image has mode {mode}; expected 8-bit 'L' or palette 'P' class indices")
+
+
+def _image_to_rgb(im: Image.Image, path: str) -> np.ndarray:
+  """A decoded PIL image -> uint8 [H, W, 3]; 16-bit grayscale scaled by 255 / 65535, rounded."""
+  if im.mode in _GRAY16_MODES:
+    v = np.asarray(im)
+    if v.size and (v.min() < 0 or v.max() > 65535):  # mode 'I' is 32-bit: only 16-bit data has a known scale
+      raise DataError(f"{path}: image mode {im.mode} has values in [{v.min()}, {v.max()}]; expected [0, 65535]")
+    gray = ((v.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if im.mode == "P" and "transparency" in im.info:
+    im = im.convert("RGBA")  # PIL asks for this route for palettes with transparency; alpha dropped below
+  return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def load_image(path: str) -> np.ndarray:
-  """RGB image as uint8 [H, W, 3]; DataError if missing or undecodable."""
+  """RGB image as uint8 [H, W, 3]; DataError if missing, undecodable or of an unsupported mode."""
   try:
     with Image.open(path) as im:
+      _check_image_mode(im.mode, path)
       im.load()
-      arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+      arr = _image_to_rgb(im, path)
+  except DataError:
+    raise
   except FileNotFoundError:
     raise DataError(f"{path}: image file not found") from None
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt files
@@ -51,13 +86,11 @@ def load_image(path: str) -> np.ndarray:
 
 
 def load_label(path: str, num_classes: int, ignore_label: int = 255) -> np.ndarray:
-  """Class-index mask as uint8 [H, W]; DataError if missing, undecodable, multi-channel or out of range."""
+  """Class-index mask as uint8 [H, W]; DataError if missing, undecodable, not 'L'/'P' or out of range."""
   try:
     with Image.open(path) as im:
+      _check_label_mode(im.mode, path)
       im.load()
-      mode = im.mode
-      if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
-        raise DataError(f"{path}: label image has mode {mode}; expected one channel of class indices")
       arr = np.asarray(im)
   except DataError:
     raise
@@ -66,6 +99,73 @@ def load_label(path: str, num_classes: int, ignore_label: int = 255) -> np.ndarr
   except Exception as e:
     raise DataError(f"{path}: cannot decode label ({type(e).__name__}: {_one_line(e)})") from None
   return check_label_values(arr, num_classes, ignore_label, path)
+
+
+def check_pair_file(image: str, label: str | None, num_classes: int, ignore_label: int,
+                    decode_label: bool) -> None:
+  """Start-up check of one listed pair without decoding the image: its header (PIL reads only that
+  on open) and mode; the label's mode and size; with `decode_label`, its pixels' class ids."""
+  try:
+    with Image.open(image) as im:
+      _check_image_mode(im.mode, image)
+      size = im.size
+  except DataError:
+    raise
+  except FileNotFoundError:
+    raise DataError(f"{image}: image file not found") from None
+  except Exception as e:
+    raise DataError(f"{image}: cannot decode image ({type(e).__name__}: {_one_line(e)})") from None
+  if label is None:
+    return
+  try:
+    with Image.open(label) as im:
+      _check_label_mode(im.mode, label)
+      if im.size != size:
+        raise DataError(f"{label}: image size {size[0]}x{size[1]} differs from label size {im.size[0]}x{im.size[1]}")
+      if decode_label:  # PIL's histogram of an 'L' or 'P' image: 256 counts, no array copy
+        _check_counts(im.histogram(), num_classes, ignore_label, label)
+  except DataError:
+    raise
+  except FileNotFoundError:
+    raise DataError(f"{label}: label file not found") from None
+  except Exception as e:
+    raise DataError(f"{label}: cannot decode label ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def check_workers() -> int:
+  """Threads for start-up checks: PIL releases the GIL while reading and decoding."""
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cpus = os.cpu_count() or 1
+  return min(32, cpus + 4)
+
+
+def first_error(fn, n: int, where: str = "", workers: int | None = None) -> None:
+  """Runs fn(i) for i in [0, n) on a thread pool; raises the DataError of the lowest failing i,
+  naming the list `where` and counting the other failures (one line)."""
+  def run(chunk):
+    errors = []
+    for i in chunk:
+      try:
+        fn(i)
+      except DataError as e:
+        errors.append(str(e))
+    return errors
+  workers = min(workers or check_workers(), n)
+  # A few contiguous chunks per thread: one future per item costs more than a stat.
+  size = max(1, math.ceil(n / (4 * max(workers, 1))))
+  chunks = [range(a, min(a + size, n)) for a in range(0, n, size)]
+  if workers <= 1:
+    found = list(map(run, chunks))
+  else:
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+      found = list(ex.map(run, chunks))
+  errors = [m for chunk in found for m in chunk]
+  if errors:
+    notes = ([f"listed in {where}"] if where else []) + (
+        [f"{len(errors) - 1} more bad entries in this list"] if len(errors) > 1 else [])
+    raise DataError(errors[0] + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def check_label_values(arr: np.ndarray, num_classes: int, ignore_label: int, where: str) -> np.ndarray:
@@ -79,12 +179,18 @@ def check_label_values(arr: np.ndarray, num_classes: int, ignore_label: int, whe
     if arr.size and (arr.min() < 0 or arr.max() > 255):
       raise DataError(f"{where}: label values span [{arr.min()}, {arr.max()}]; expected [0, {num_classes}) or {ignore_label}")
     arr = arr.astype(np.uint8)
-  counts = np.bincount(arr.ravel(), minlength=256)
-  counts[ignore_label] = 0
+  _check_counts(np.bincount(arr.ravel(), minlength=256), num_classes, ignore_label, where)
+  return arr
+
+
+def _check_counts(counts, num_classes: int, ignore_label: int, where: str) -> None:
+  """counts [256]: pixels per label value."""
+  counts = np.array(counts, np.int64)
+  if 0 <= ignore_label < counts.size:
+    counts[ignore_label] = 0
   bad = np.flatnonzero(counts[num_classes:]) + num_classes
   if bad.size:
     raise DataError(f"{where}: label values {bad[:5].tolist()} outside [0, {num_classes}) and not {ignore_label}")
-  return arr
 
 
 def _one_line(e: Exception) -> str:
@@ -121,15 +227,24 @@ class FileSplit:
     _check_pair(image, label, self.labels[i])
     return image, label
 
-  def check(self, with_labels: bool = True) -> None:
-    """Every listed file exists (cheap: no decoding)."""
+  def check(self, with_labels: bool = True, decode_labels: bool = False) -> None:
+    """Every listed file exists (a stat each); with `decode_labels` also the image headers and modes,
+    the labels' modes and sizes, and the labels' class ids (images are never decoded here)."""
     if not self.images:
       raise DataError(f"{self.list_path}: split list is empty")
-    for k, path in enumerate(self.images):
-      if not os.path.isfile(path):
-        raise DataError(f"{path}: image file not found (listed in {self.list_path})")
-      if with_labels and self.labels is not None and not os.path.isfile(self.labels[k]):
-        raise DataError(f"{self.labels[k]}: label file not found (listed in {self.list_path})")
+    labels = self.labels if with_labels else None
+
+    def exists(i):
+      if not os.path.isfile(self.images[i]):
+        raise DataError(f"{self.images[i]}: image file not found")
+      if labels is not None and not os.path.isfile(labels[i]):
+        raise DataError(f"{labels[i]}: label file not found")
+
+    def decodes(i):
+      check_pair_file(self.images[i], None if labels is None else labels[i], self.num_classes,
+                      self.ignore_label, decode_label=True)
+
+    first_error(decodes if decode_labels else exists, len(self.images), self.list_path)
 
 
 @dataclasses.dataclass
@@ -151,7 +266,8 @@ class SyntheticSplit:
     image, label = synthetic.generate(self.seed, self.split, i, self.image_size, self.num_classes)
     return image, (label if with_label else None)
 
-  def check(self, with_labels: bool = True) -> None:
+  def check(self, with_labels: bool = True, decode_labels: bool = False) -> None:
+    del with_labels, decode_labels  # generated: nothing to read
     if self.size <= 0:
       raise DataError(f"synthetic {self.split} split: size {self.size} must be positive")
 
@@ -206,7 +322,9 @@ class TfdsSplit:
     _check_pair(image, label, where)
     return image, label
 
-  def check(self, with_labels: bool = True) -> None:
+  def check(self, with_labels: bool = True, decode_labels: bool = False) -> None:
+    """Records exist; labels are checked as they are read (decoding a record decodes its image too)."""
+    del with_labels, decode_labels
     if len(self) <= 0:
       raise DataError(f"tfds:{self.name_}[{self.split}]: no records in [{self.start}, {self.stop})")
 
@@ -268,27 +386,49 @@ def check_root(config) -> None:
       raise DataError(f"{d.root}: dataset root not found (config.data.root)")
 
 
+def _synthetic_split(config, split: str, n) -> SyntheticSplit:
+  d = config.data
+  return SyntheticSplit(int(config.seed), split, int(n), int(d.synthetic_image_size), int(d.num_classes))
+
+
+def _tfds_split(config, split: str, start: int, stop: int | None) -> TfdsSplit:
+  d = config.data
+  if not d.tfds_name:
+    raise DataError("config.data.tfds_name is empty: name the TFDS dataset")
+  return TfdsSplit(d.tfds_name, d.tfds_data_dir, split, start, stop, d.tfds_image_key, d.tfds_label_key,
+                   int(d.num_classes), int(d.ignore_label))
+
+
+def _paths_fn(config):
+  d = config.data
+  check_root(config)
+  return {"pascal": _pascal_paths, "cityscapes": _cityscapes_paths}.get(d.name) or _custom_paths_fn(d)
+
+
+def build_val_split(config):
+  """The validation split of `config.data` alone (reads the val list only, no images)."""
+  d = config.data
+  if d.name == "synthetic":
+    return _synthetic_split(config, "val", d.synthetic_num_val)
+  if d.name == "tfds":
+    return _tfds_split(config, d.tfds_val_split, 0, None)
+  return _file_split(d.root, d.val_list, int(d.num_classes), int(d.ignore_label), _paths_fn(config))
+
+
 def build_splits(config) -> Splits:
   """The labeled, unlabeled and val splits of `config.data` (reads list files, no images)."""
   d = config.data
   ignore = int(d.ignore_label)
   if d.name == "synthetic":
-    size = int(d.synthetic_image_size)
-    mk = lambda split, n: SyntheticSplit(int(config.seed), split, int(n), size, int(d.num_classes))
-    return Splits(mk("labeled", d.synthetic_num_labeled), mk("unlabeled", d.synthetic_num_unlabeled),
-                  mk("val", d.synthetic_num_val))
+    return Splits(_synthetic_split(config, "labeled", d.synthetic_num_labeled),
+                  _synthetic_split(config, "unlabeled", d.synthetic_num_unlabeled), build_val_split(config))
   if d.name == "tfds":
-    if not d.tfds_name:
-      raise DataError("config.data.tfds_name is empty: name the TFDS dataset")
     n_lab = int(d.tfds_num_labeled)
-    if n_lab <= 0:
+    if d.tfds_name and n_lab <= 0:
       raise DataError(f"config.data.tfds_num_labeled={n_lab}: must be positive")
-    mk = lambda split, a, b: TfdsSplit(d.tfds_name, d.tfds_data_dir, split, a, b, d.tfds_image_key,
-                                       d.tfds_label_key, int(d.num_classes), ignore)
-    return Splits(mk(d.tfds_train_split, 0, n_lab), mk(d.tfds_train_split, n_lab, None),
-                  mk(d.tfds_val_split, 0, None))
-  check_root(config)
-  fn = {"pascal": _pascal_paths, "cityscapes": _cityscapes_paths}.get(d.name) or _custom_paths_fn(d)
+    return Splits(_tfds_split(config, d.tfds_train_split, 0, n_lab),
+                  _tfds_split(config, d.tfds_train_split, n_lab, None), build_val_split(config))
+  fn = _paths_fn(config)
   labeled = _file_split(d.root, d.labeled_list, int(d.num_classes), ignore, fn)
   # Labels of unlabeled images only for the ground-truth pseudo-label diagnostic (config.loss).
   oracle = config.loss.pseudo_labels == "ground_truth"

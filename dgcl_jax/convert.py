@@ -1,7 +1,9 @@
 """PyTorch (reference) state dicts -> Flax variables, and orbax save/load of pretrained weights.
 
 Key mapping (torch prefix -> Flax module path; `bb` = 'encoder.' in a full model, '' in a
-backbone-only resnet101.pth; an optional leading 'module.' is dropped, num_batches_tracked ignored):
+backbone-only resnet101.pth; an optional leading 'module.' is dropped, num_batches_tracked ignored).
+The names are the reference's own (REFERENCE.md section 1); tests/test_convert.py checks them
+against every key of its full Pascal and Cityscapes models (tests/data/reference_state_dict_keys.json):
 
   bb conv1.0 / conv1.1             backbone/stem1/{conv, bn}    conv3x3 s2, BN (ReLU = conv1.2)
   bb conv1.3 / conv1.4             backbone/stem2/{conv, bn}    (ReLU = conv1.5)
@@ -16,7 +18,7 @@ backbone-only resnet101.pth; an optional leading 'module.' is dropped, num_batch
   decoder.low_conv.{0,1}           decoder/low/{conv, bn}       conv with bias
   decoder.classifier.{0,1}         decoder/cls1/{conv, bn}      (2 ReLU, 3 Dropout2d)
   decoder.classifier.{4,5}         decoder/cls2/{conv, bn}      (6 ReLU, 7 Dropout2d -> fts)
-  decoder.classifier.8             decoder/cls_out              1x1 conv -> pred
+  decoder.final                    decoder/cls_out              1x1 conv -> pred (a module of its own)
   decoder.representation.{0,1,3}  decoder/{rep_fc1, rep_bn, rep_fc2}   (2 ReLU)
   auxor.aux.{0,1,4}                aux/{block/conv, block/bn, out}     (2 ReLU, 3 Dropout2d)
 
@@ -90,7 +92,7 @@ def torch_layout(model_config, full: bool = True):
            ("decoder.classifier.1", ("decoder", "cls1", "bn"), "bn"),
            ("decoder.classifier.4", ("decoder", "cls2", "conv"), "conv_bias"),
            ("decoder.classifier.5", ("decoder", "cls2", "bn"), "bn"),
-           ("decoder.classifier.8", ("decoder", "cls_out"), "conv_bias"),
+           ("decoder.final", ("decoder", "cls_out"), "conv_bias"),
            ("decoder.representation.0", ("decoder", "rep_fc1"), "linear"),
            ("decoder.representation.1", ("decoder", "rep_bn"), "bn"),
            ("decoder.representation.3", ("decoder", "rep_fc2"), "linear")]
@@ -190,7 +192,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config):
       used.add(key)
       array = np.asarray(sd[key], dtype=np.float32)
       if tuple(array.shape) != want:
-        if tprefix in ("decoder.classifier.8", "auxor.aux.4") and array.ndim == len(want) and \
+        if tprefix in ("decoder.final", "auxor.aux.4") and array.ndim == len(want) and \
             array.shape[1:] == want[1:]:
           classes.append(f"{key} has {array.shape[0]} classes, config says {model_config.num_classes}")
         else:

@@ -1,8 +1,9 @@
 """A PyTorch model with the reference's layout and key names (REFERENCE.md s.1), for parity tests.
 
 Written from the description of the reference (ResNet v1c + U2PL/DGCL dec_deeplabv3_plus + Aux_Module);
-`TorchSegModel(...).state_dict()` has the 'encoder.' / 'decoder.' / 'auxor.' keys that
-dgcl_jax.convert.from_torch reads.
+`TorchSegModel(...).state_dict()` has exactly the reference's keys, in its order ('encoder.' /
+'decoder.' / 'auxor.'; tests/test_convert.py checks them against tests/data/reference_state_dict_keys.json),
+which dgcl_jax.convert.from_torch reads.
 """
 
 import torch
@@ -103,8 +104,9 @@ class Decoder(nn.Module):
     self.classifier = nn.Sequential(
         nn.Conv2d(low_planes + inner, inner, 3, padding=1, bias=True), nn.BatchNorm2d(inner), nn.ReLU(),
         nn.Dropout2d(0.1),
-        nn.Conv2d(inner, inner, 3, padding=1, bias=True), nn.BatchNorm2d(inner), nn.ReLU(), nn.Dropout2d(0.1),
-        nn.Conv2d(inner, num_classes, 1, bias=True))
+        nn.Conv2d(inner, inner, 3, padding=1, bias=True), nn.BatchNorm2d(inner), nn.ReLU(), nn.Dropout2d(0.1))
+    # The reference's final 1x1 conv is a module of its own (`decoder.final.*`), not classifier[8].
+    self.final = nn.Conv2d(inner, num_classes, 1, bias=True)
     self.representation = nn.Sequential(nn.Linear(inner, rep_dim), nn.BatchNorm1d(rep_dim), nn.ReLU(),
                                         nn.Linear(rep_dim, rep_dim))
 
@@ -112,8 +114,8 @@ class Decoder(nn.Module):
     head = self.head(self.aspp(c4))
     low = self.low_conv(c1)
     head = F.interpolate(head, size=low.shape[2:], mode="bilinear", align_corners=True)
-    fts = self.classifier[:8](torch.cat([low, head], 1))
-    pred = self.classifier[8](fts)
+    fts = self.classifier(torch.cat([low, head], 1))
+    pred = self.final(fts)
     b, c, h, w = fts.shape
     rep = self.representation(fts.permute(0, 2, 3, 1).reshape(-1, c))
     rep = rep.reshape(b, h, w, -1).permute(0, 3, 1, 2)

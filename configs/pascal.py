@@ -24,12 +24,16 @@ def get_config(arg: str = "732"):
   config.checkpoint_every_steps = 1000
 
   config.model.depth = 101
-  config.model.dtype = "bfloat16"   # mixed precision for the student, as the reference (teacher: float32)
+  config.model.dtype = "bfloat16"   # the reference trains in float16 with a loss scaler (model.dtype="float16");
+                                    # bfloat16 needs none on Ampere and newer. The teacher runs in float32.
   config.model.num_classes = 21
   config.model.replace_stride_with_dilation = (False, False, True)
   config.model.aspp_dilations = (6, 12, 18)
   config.model.aux = False
   config.model.zero_init_residual = False
+  config.model.remat = True   # fits 24-48 GB GPUs (README, Benchmarks)
+  config.model.pretrained = "pretrained/resnet101"   # ImageNet backbone (README, Real data); required:
+                                                     # --config.model.pretrained=none trains from scratch
 
   d = config.data
   d.name = "pascal"

@@ -35,9 +35,14 @@ def model_config() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.1          # channel dropout
   m.bn_momentum = 0.9           # Flax convention (= PyTorch 0.1)
   m.bn_epsilon = 1e-5
-  m.dtype = "float32"           # compute dtype of the student's forward: float32 or bfloat16 (the teacher
-                                # and evaluation always run in float32)
-  m.pretrained = ""             # orbax checkpoint directory written by scripts/convert_torch_checkpoint.py
+  m.remat = False               # the student's backward pass recomputes each ResNet block and head layer
+                                # from its input: a fraction of the activation memory for about one more
+                                # forward pass; same numbers, same parameter names (models/layers.remat_call)
+  m.dtype = "float32"           # compute dtype of the student's forward: float32, bfloat16, or float16 with
+                                # dynamic loss scaling (optim.loss_scale_*); the teacher and evaluation
+                                # always run in float32
+  m.pretrained = ""             # orbax checkpoint directory written by scripts/convert_torch_checkpoint.py,
+                                # read when a run starts (not on resume); "" or "none": random init
   return m
 
 
@@ -56,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.image_summary_every_steps = 0   # 0: only at evaluation
   c.num_eval_images_logged = 3
+  c.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = $XDG_CACHE_HOME or ~/.cache
+                                # /dgcl_jax/jax_cache; "none" = off; else a directory
 
   c.model = model_config()
 
@@ -100,6 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   o.momentum = 0.9
   o.weight_decay = 1e-4
   o.poly_power = 0.9
+  o.loss_scale_init = 2.0 ** 16         # dynamic loss scaling of a float16 student (GradScaler's defaults)
+  o.loss_scale_growth_interval = 2000   # finite steps in a row before the scale doubles
 
   l = c.loss = ml_collections.ConfigDict()
   l.unsup_weight = 0.5
@@ -115,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   l.contrastive_percent_min = 10.0
   l.unsup_scale_quirk = True    # multiply the mean by B*H*W / valid (s.3 step 6); False: plain mean
   l.cutmix_prob = 0.5
+  l.cutmix_coin = "step"        # step: one coin per step shared by all slices (the reference, s.3 step 3);
+                                #    slice: each slice draws its own
   l.pseudo_labels = "teacher"   # teacher | ground_truth: a diagnostic upper bound, not the method: the
                                 #    unlabeled images' own labels replace the teacher's pseudo labels
   l.quantile_method = "sort"    # sort (numpy linear) | histogram
@@ -134,6 +145,11 @@ def base_config() -> ml_collections.ConfigDict:
   e = c.ema = ml_collections.ConfigDict()
   e.decay = 0.999
   e.first_epoch_reset = True    # quirk s.3 step 11: teacher := student through the first semi epoch
+
+  v = c.evaluation = ml_collections.ConfigDict()   # scripts/evaluate.py's defaults (its flags override)
+  v.mode = "center"             # center: the in-training protocol (val_crop_size centre crops) | sliding:
+                                #    windows of val_crop_size, stride ceil(2/3 of it), over the full image
+  v.model = "auto"              # auto (the higher scorer in the run's own evaluation) | teacher | student
   return c
 
 
@@ -213,16 +229,102 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices")
   if config.model.depth not in (14, 50, 101):
     raise ConfigError(f"config.model.depth={config.model.depth}: expected 14, 50 or 101")
+  if config.evaluation.mode not in ("center", "sliding"):
+    raise ConfigError(f"config.evaluation.mode={config.evaluation.mode!r}: expected center or sliding")
+  if config.evaluation.model not in ("auto", "teacher", "student"):
+    raise ConfigError(f"config.evaluation.model={config.evaluation.model!r}: expected auto, teacher or student")
   if config.loss.pseudo_labels not in ("teacher", "ground_truth"):
     raise ConfigError(f"config.loss.pseudo_labels={config.loss.pseudo_labels!r}: expected teacher or ground_truth")
+  if config.loss.cutmix_coin not in ("step", "slice"):
+    raise ConfigError(f"config.loss.cutmix_coin={config.loss.cutmix_coin!r}: expected step or slice")
   if config.loss.quantile_method not in ("sort", "histogram"):
     raise ConfigError(f"config.loss.quantile_method={config.loss.quantile_method!r}: expected sort or histogram")
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected float32 or bfloat16 "
-                      "(float16 would need loss scaling)")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected float32, bfloat16 or float16")
+  if not config.optim.loss_scale_init > 0 or config.optim.loss_scale_growth_interval < 1:
+    raise ConfigError(f"config.optim.loss_scale_init={config.optim.loss_scale_init} and "
+                      f"loss_scale_growth_interval={config.optim.loss_scale_growth_interval}: must be positive")
   if config.data.crop_size < 32:
     raise ConfigError(f"config.data.crop_size={config.data.crop_size}: must be at least 32")
   if config.dgcl.num_negatives < 1 or config.dgcl.num_anchors < 1 or config.dgcl.num_positives < 1:
     raise ConfigError("config.dgcl.num_anchors, num_positives and num_negatives must be positive")
   if max(config.dgcl.ks) > config.dgcl.bank_capacity:
     raise ConfigError(f"config.dgcl.ks={tuple(config.dgcl.ks)}: largest k exceeds dgcl.bank_capacity")
+
+
+# ----------------------------------------------------------------------------- run identity
+
+
+class ConfigChangeError(ConfigError):
+  """A resumed run's config differs from the one its checkpoints were trained with."""
+
+
+# Fields that do not change what a run computes, free to differ when a run resumes: how often it
+# logs, saves and evaluates, input-pipeline parallelism, where the data lives, class names, and
+# the pretrained backbone (read only when a run starts). Every other field is the run's identity.
+FREE_FIELDS = frozenset({
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
+    "image_summary_every_steps", "num_eval_images_logged", "evaluation.mode", "evaluation.model",
+    "model.pretrained", "model.remat",
+    "data.root", "data.tfds_data_dir", "data.num_workers", "data.prefetch_buffer_size", "data.class_names",
+})
+# Split lists: the same ids under another path (a moved checkout) are the same run.
+_LIST_FIELDS = frozenset({"data.labeled_list", "data.unlabeled_list", "data.val_list"})
+
+
+def pretrained_dir(config) -> str | None:
+  """config.model.pretrained, or None for a random initialization ("" or "none")."""
+  value = str(config.model.pretrained or "").strip()
+  return None if value.lower() in ("", "none") else value
+
+
+def as_json_dict(config) -> dict:
+  """The config as config.json stores it (tuples become lists)."""
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _same_list_file(a, b) -> bool:
+  if a == b:
+    return True
+  try:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+      return fa.read().split() == fb.read().split()
+  except (OSError, TypeError):
+    return False
+
+
+def config_changes(stored: dict, requested: dict) -> list[tuple[str, object, object]]:
+  """(field, stored value, requested value) for each identity field that differs.
+
+  Both dicts as `as_json_dict` gives them. A field the stored config lacks (added to the code
+  after the run started) counts with its default; fields the code no longer has are ignored.
+  """
+  old, new = _flatten(stored), _flatten(requested)
+  defaults = _flatten(as_json_dict(base_config()))
+  changes = []
+  for name, value in new.items():
+    if name in FREE_FIELDS:
+      continue
+    before = old.get(name, defaults.get(name, value))
+    if name in _LIST_FIELDS:
+      if not _same_list_file(before, value):
+        changes.append((name, before, value))
+    elif before != value:
+      changes.append((name, before, value))
+  return changes
+
+
+def describe_changes(changes) -> str:
+  import json  # pylint: disable=g-import-not-at-top
+  return ", ".join(f"{name} {json.dumps(a)} -> {json.dumps(b)}" for name, a, b in changes)

@@ -160,13 +160,14 @@ def cutmix_boxes(rng, batch, height, width):
           & (cols >= x0[:, None, None]) & (cols < (x0 + bw)[:, None, None]))
 
 
-def cutmix(rng, images, labels, ignore_mask, prob=0.5):
-  """CutMix of one slice: one coin with probability prob; if it succeeds, inside box i
-  images [B, H, W, 3], labels [B, H, W] and ignore_mask [B, H, W] come from sample
-  (i + 1) mod B. Returns the mixed (images, labels, ignore_mask)."""
+def cutmix(rng, images, labels, ignore_mask, prob=0.5, coin=None):
+  """CutMix of one slice: if the coin succeeds (probability prob, or the given bool `coin`),
+  inside box i images [B, H, W, 3], labels [B, H, W] and ignore_mask [B, H, W] come from
+  sample (i + 1) mod B. Returns the mixed (images, labels, ignore_mask)."""
   k_coin, k_box = jax.random.split(rng)
   b, h, w = labels.shape
-  coin = jax.random.uniform(k_coin) < prob
+  if coin is None:
+    coin = jax.random.uniform(k_coin) < prob
   box = cutmix_boxes(k_box, b, h, w) & coin
 
   def mix(x):
@@ -174,6 +175,22 @@ def cutmix(rng, images, labels, ignore_mask, prob=0.5):
     return jnp.where(m, jnp.roll(x, -1, axis=0), x)
 
   return mix(images), mix(labels), mix(ignore_mask)
+
+
+def cutmix_slices(rng, images, labels, ignore_mask, prob=0.5, shared_coin=True):
+  """CutMix of every slice: images [S, B, H, W, 3], labels and ignore_mask [S, B, H, W].
+
+  Boxes are drawn per image and partners are taken within each slice. With `shared_coin` one
+  coin decides for the whole step, as in the reference (quirk, REFERENCE.md s.3 step 3: the
+  coin comes from Python's `random`, seeded alike on every rank); otherwise each slice draws
+  its own.
+  """
+  k_coin, k_slices = jax.random.split(rng)
+  slice_keys = jax.random.split(k_slices, labels.shape[0])
+  if shared_coin:
+    coin = jax.random.uniform(k_coin) < prob
+    return jax.vmap(lambda k, x, y, m: cutmix(k, x, y, m, coin=coin))(slice_keys, images, labels, ignore_mask)
+  return jax.vmap(lambda k, x, y, m: cutmix(k, x, y, m, prob=prob))(slice_keys, images, labels, ignore_mask)
 
 
 def _pixel_nll(logits, labels, ignore_label):

@@ -1,16 +1,22 @@
 """Evaluate a checkpoint: mIoU, per-class IoU table, optional colorized predictions.
 
-  python scripts/evaluate.py --config=configs/pascal.py:732 --workdir=runs/pascal732 \
+  python scripts/evaluate.py --workdir=runs/pascal732 \
       [--checkpoint=best|latest|STEP] [--model=auto|teacher|student] [--mode=center|sliding] \
-      [--scales=1.0,...] [--flip] [--output_json=FILE] [--save_predictions=DIR]
+      [--scales=1.0,...] [--flip] [--output_json=FILE] [--save_predictions=DIR] [--config.x=y]
 
+The run's own <workdir>/config.json is the config (--config=FILE replaces it, --config.x=y
+overrides a field). The default protocol is the config's `evaluation` fields: for Pascal the
+in-training one (student or teacher, whichever scored higher, on centre crops); for Cityscapes
+the reference's stand-alone one (the teacher, windows of 800 with stride 534 over the full
+image, REFERENCE.md section 2). Both networks are scored in float32.
 A checkpoint converted from the reference's PyTorch training checkpoints
-(scripts/convert_torch_checkpoint.py) is evaluated with --variables=DIR instead of --workdir.
+(scripts/convert_torch_checkpoint.py) is evaluated with --variables=DIR --config=FILE instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -21,83 +27,115 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dgcl_jax import restore  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = restore.define_checkpoint_flags("Which network to evaluate.")
-_MODE = flags.DEFINE_enum("mode", "center", ["center", "sliding"], "Center crop or sliding window.")
+_MODE = flags.DEFINE_enum("mode", None, ["center", "sliding"],
+                          "Center crop or sliding window over the full image. Default: the config's evaluation.mode.")
 _SCALES = flags.DEFINE_list("scales", ["1.0"], "Scales for sliding-window evaluation.")
 _FLIP = flags.DEFINE_bool("flip", False, "Add horizontally flipped predictions.")
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write {miou, per_class_iou, ...} here.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write {miou, per_class_iou, protocol, ...} here.")
 _SAVE_PREDICTIONS = flags.DEFINE_string("save_predictions", None, "Write colorized prediction PNGs here.")
 
 
+def protocol_name(mode: str, crop: int, scales, flip: bool) -> str:
+  """'centre crops of 513' / 'sliding window 800, stride 534, over the full image', scales, flip."""
+  if mode == "sliding":
+    text = f"sliding window {crop}, stride {int(math.ceil(crop * 2 / 3))}, over the full image"
+  else:
+    text = f"centre crops of {crop}"
+  if list(scales) != [1.0]:
+    text += f", scales {list(scales)}"
+  return text + (", flipped" if flip else "") + ", float32"
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  restore.quiet_logs()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import evaluation, summaries, train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import checkpointing, convert, evaluation, models  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import ops, summaries, train  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   try:
-    pipeline.check_inputs(config)
+    config = restore.config_value(_CONFIG)
+    mode = _MODE.value or config.evaluation.mode
+    scales = tuple(float(s) for s in _SCALES.value)
+    pipeline.check_val_inputs(config)
     mesh = train.make_mesh()
-    fns = train.StepFunctions(config, mesh, pipeline.steps_per_epoch(config))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     variables, source = restore.load_model_variables(
-        config, fns, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
+        config, replicated, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
         model=_MODEL.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (restore.SetupError, checkpointing.CheckpointError, convert.ConversionError, pipeline.DataError,
+          OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  module = fns.teacher if source["model"] == "teacher" else fns.student
+  # Both networks are scored in float32, as the in-training evaluation (REFERENCE.md section 2).
+  module = models.build(train.teacher_model_config(config.model))
   num_classes = config.model.num_classes
   palette = np.asarray(pipeline.palette(num_classes))
   conf = np.zeros((num_classes, num_classes), np.int64)
-  scales = tuple(float(s) for s in _SCALES.value)
   if _SAVE_PREDICTIONS.value:
     os.makedirs(_SAVE_PREDICTIONS.value, exist_ok=True)
-  variables = jax.device_put(variables, fns.replicated)
-  if _MODE.value == "center" and scales == (1.0,) and not _FLIP.value:
-    # The in-training evaluation path, batch by batch.
-    eval_fn = jax.jit(lambda v, x, y: evaluation.confusion_from_model(module, v, x, y, num_classes))
-    bs = jax.device_count()
-    index = 0
-    for item in pipeline.create_val_iterator(config, mode="center", batch_size=bs):
-      batch = train.global_batch({"image": item["image"], "label": item["label"]}, fns.batch_sharding)
-      conf += np.asarray(jax.device_get(eval_fn(variables, batch["image"], batch["label"])), np.int64)
-      if _SAVE_PREDICTIONS.value:
-        logits = evaluation.Predictor(module, variables, num_classes, config.data.val_crop_size).center(item["image"])
-        preds = np.asarray(logits).argmax(-1)
-        for i in range(preds.shape[0]):
-          if item["valid"][i]:
-            Image.fromarray(summaries.colorize(preds[i], palette)).save(
-                os.path.join(_SAVE_PREDICTIONS.value, f"{index:05d}.png"))
-            index += 1
-  else:
-    predictor = evaluation.Predictor(module, variables, num_classes, config.data.val_crop_size)
-    mode = "sliding" if _MODE.value == "sliding" else "center"
-    val_mode = "full" if mode == "sliding" else "center"
-    for index, item in enumerate(pipeline.create_val_iterator(config, mode=val_mode, batch_size=1)):
-      if "valid" in item and not item["valid"][0]:
-        continue
-      logits = predictor.predict(item["image"], mode=mode, scales=scales, flip=_FLIP.value)
-      pred = np.asarray(jax.device_get(logits)).argmax(-1)
-      conf += np.asarray(evaluation.confusion_matrix(pred, item["label"], num_classes), np.int64)
-      if _SAVE_PREDICTIONS.value:
-        name = os.path.basename(str(item.get("name", f"{index:05d}"))).rsplit(".", 1)[0]
-        Image.fromarray(summaries.colorize(pred[0], palette)).save(
-            os.path.join(_SAVE_PREDICTIONS.value, f"{name}.png"))
+  variables = jax.device_put(variables, replicated)
+  crop = int(config.data.val_crop_size)
+  protocol = protocol_name(mode, crop, scales, _FLIP.value)
+  try:
+    if mode == "center" and scales == (1.0,) and not _FLIP.value:
+      # The in-training evaluation path, batch by batch; one compiled function gives the
+      # confusion matrix and, for --save_predictions, the predictions.
+      def forward(v, x, y):
+        logits = module.apply(v, x, train=False)["pred"].astype(jnp.float32)
+        pred = jnp.argmax(ops.resize_bilinear_align_corners(logits, y.shape[1:3]), axis=-1)
+        return evaluation.confusion_matrix(pred, y, num_classes), pred
+      eval_fn = jax.jit(forward)
+      bs = jax.device_count()
+      index = 0
+      for item in pipeline.create_val_iterator(config, mode="center", batch_size=bs):
+        batch = train.global_batch({"image": item["image"], "label": item["label"]}, batch_sharding)
+        batch_conf, preds = eval_fn(variables, batch["image"], batch["label"])
+        conf += np.asarray(jax.device_get(batch_conf), np.int64)
+        if _SAVE_PREDICTIONS.value:
+          preds = np.asarray(jax.device_get(preds))
+          for i in range(preds.shape[0]):
+            if item["valid"][i]:
+              Image.fromarray(summaries.colorize(preds[i], palette)).save(
+                  os.path.join(_SAVE_PREDICTIONS.value, f"{index:05d}.png"))
+              index += 1
+    else:
+      predictor = evaluation.Predictor(module, variables, num_classes, crop)
+      val_mode = "full" if mode == "sliding" else "center"
+      for index, item in enumerate(pipeline.create_val_iterator(config, mode=val_mode, batch_size=1)):
+        if "valid" in item and not item["valid"][0]:
+          continue
+        logits = predictor.predict(item["image"], mode=mode, scales=scales, flip=_FLIP.value)
+        pred = np.asarray(jax.device_get(logits)).argmax(-1)
+        conf += np.asarray(evaluation.confusion_matrix(pred, item["label"], num_classes), np.int64)
+        if _SAVE_PREDICTIONS.value:
+          name = os.path.basename(str(item.get("name", f"{index:05d}"))).rsplit(".", 1)[0]
+          Image.fromarray(summaries.colorize(pred[0], palette)).save(
+              os.path.join(_SAVE_PREDICTIONS.value, f"{name}.png"))
+  except pipeline.DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   miou, iou = evaluation.miou_from_confusion(conf)
   names = list(pipeline.class_names(config))
   width = max(len(n) for n in names)
   print(f"{'class':<{width}}  IoU (%)")
   for name, value in zip(names, iou):
     print(f"{name:<{width}}  {100 * value:6.2f}")
-  print(f"mIoU: {100 * miou:.2f} ({source['model']}, {_MODE.value}, scales {list(scales)}, flip {_FLIP.value})")
+  print(f"mIoU: {100 * miou:.2f} ({restore.describe(source)}; {protocol})")
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump({"miou": miou, "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
-                 "mode": _MODE.value, "scales": list(scales), "flip": _FLIP.value,
-                 **source}, f, indent=2)
+                 "protocol": protocol, "mode": mode, "crop": crop,
+                 "stride": int(math.ceil(crop * 2 / 3)) if mode == "sliding" else None,
+                 "scales": list(scales), "flip": _FLIP.value, "dtype": "float32", **source}, f, indent=2)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: restore.exit_with_status(main(argv)), flags_parser=restore.parse_flags)

@@ -1,7 +1,10 @@
 """Predict segmentation masks for a folder of images: colorized masks and overlays.
 
-  python scripts/predict.py --config=configs/pascal.py:732 --workdir=runs/pascal732 \
-      --input=my_images/ --output=predictions/ [--checkpoint=best] [--model=auto] [--mode=sliding]
+  python scripts/predict.py --workdir=runs/pascal732 --input=my_images/ --output=predictions/ \
+      [--checkpoint=best] [--model=auto|teacher|student] [--mode=sliding|center] [--config.x=y]
+
+The run's own <workdir>/config.json is the config (--config=FILE replaces it); with
+--variables=DIR (a converted checkpoint) give --config=FILE. The network runs in float32.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ _EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  restore.quiet_logs()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import evaluation, summaries, train  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import checkpointing, convert, evaluation, models  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import summaries, train  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   if not _INPUT.value or not os.path.isdir(_INPUT.value):
     print(f"error: --input={_INPUT.value!r} is not a folder", file=sys.stderr)
     return 1
@@ -43,14 +50,18 @@ def main(argv):
     print(f"error: no images ({', '.join(_EXTENSIONS)}) in {_INPUT.value}", file=sys.stderr)
     return 1
   try:
-    fns = train.StepFunctions(config, train.make_mesh(), max(1, pipeline.steps_per_epoch(config)))
+    config = restore.config_value(_CONFIG)
+    replicated = NamedSharding(train.make_mesh(), P())
     variables, source = restore.load_model_variables(
-        config, fns, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
+        config, replicated, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
         model=_MODEL.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (restore.SetupError, checkpointing.CheckpointError, convert.ConversionError, pipeline.DataError,
+          OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  module = fns.teacher if source["model"] == "teacher" else fns.student
+  print(f"predicting with the {restore.describe(source)}, float32", flush=True)
+  module = models.build(train.teacher_model_config(config.model))  # float32, whichever network
+  variables = jax.device_put(variables, replicated)
   predictor = evaluation.Predictor(module, variables, config.model.num_classes, config.data.val_crop_size)
   palette = np.asarray(pipeline.palette(config.model.num_classes))
   os.makedirs(_OUTPUT.value, exist_ok=True)
@@ -74,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: restore.exit_with_status(main(argv)), flags_parser=restore.parse_flags)

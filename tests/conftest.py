@@ -1,8 +1,16 @@
 """Test set-up: JAX on CPU with 4 forced host devices (set before jax is imported)."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The trainer's persistent compilation cache defaults to $XDG_CACHE_HOME/dgcl_jax/jax_cache: tests
+# (and the subprocesses they start) write theirs to a directory removed at exit, never the user's.
+_cache_home = tempfile.mkdtemp(prefix="dgcl_test_cache_")
+os.environ["XDG_CACHE_HOME"] = _cache_home
+atexit.register(shutil.rmtree, _cache_home, ignore_errors=True)

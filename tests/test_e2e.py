@@ -1,10 +1,13 @@
-"""End to end: `python -m dgcl_jax.main` on tiny synthetic runs, evaluate.py, resumption.
+"""End to end: `python -m dgcl_jax.main` on tiny synthetic runs, evaluate.py, resumption, and
+the command line's failures (one line each; nothing lost; tests/fault_main.py injects disk and data errors).
 
 Each run is a subprocess on the CPU, sharing a persistent compilation cache to save time.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,12 +155,46 @@ def test_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
     np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
 
 
+def _one_error_line(proc):
+  """The single `error: ...` line of a failed run; no traceback, no other error output."""
+  out = proc.stdout + proc.stderr
+  assert "Traceback" not in out, out[-5000:]
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, out[-5000:]
+  # Nothing else at error level (absl's E lines), no library cascade after it.
+  assert not [line for line in out.splitlines() if line.startswith("E1")], out[-5000:]
+  assert "Event loop is closed" not in out and "Exception ignored" not in out
+  return errors[0]
+
+
 def test_bad_config_gives_one_clear_line(tmp_path, env):
   proc = subprocess.run(_main_cmd(tmp_path / "bad", "dgcl", ["--config.batch_size=3"]), env=env,
                         capture_output=True, text=True, timeout=300, cwd=_ROOT)
   assert proc.returncode != 0
-  assert "batch_size=3" in proc.stderr
+  assert "batch_size=3" in _one_error_line(proc)
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--config.batchsize=4", "unknown config field --config.batchsize: did you mean --config.batch_size?"),
+    ("--config.model.deph=3", "did you mean --config.model.depth?"),
+    ("--config.batch_size=abc", "--config.batch_size=abc"),
+])
+def test_flag_errors_give_one_line(flag, expected, tmp_path, env):
+  proc = subprocess.run(_main_cmd(tmp_path / "w", "dgcl", [flag]), env=env, capture_output=True, text=True,
+                        timeout=120, cwd=_ROOT)
+  assert proc.returncode == 2
+  assert expected in _one_error_line(proc)
+  assert not (tmp_path / "w").exists()
+
+
+def test_unusable_workdir_gives_one_line(tmp_path, env):
+  (tmp_path / "a_file").write_text("x")
+  proc = subprocess.run(_main_cmd(tmp_path / "a_file" / "run", "dgcl"), env=env, capture_output=True, text=True,
+                        timeout=120, cwd=_ROOT)
+  assert proc.returncode == 1
+  line = _one_error_line(proc)
+  assert "--workdir=" in line and "Not a directory" in line
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, env):
@@ -166,8 +203,14 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
   proc = subprocess.run(_main_cmd(workdir, "supervised", ["--config.optim.base_lr=1e30", *RUN]), env=env,
                         capture_output=True, text=True, timeout=600, cwd=_ROOT)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert "non-finite loss at step" in proc.stderr
+  line = _one_error_line(proc)
+  assert "non-finite loss at step" in line
   names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+  # The message says whether a checkpoint exists to resume from.
+  if any(n.isdigit() for n in names):
+    assert "the last good checkpoint (step" in line
+  else:
+    assert "no checkpoint was saved" in line
   if any(n.isdigit() for n in names):
     _, params = _final_params(workdir)
     for key, value in params.items():
@@ -175,7 +218,9 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
         assert np.all(np.isfinite(value)), key
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, env):
+def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, env):
+  # SIGTERM takes the same path (tests/test_main.py checks that both set the flag).
+  signum = signal.SIGINT
   workdir = tmp_path / "term"
   proc = subprocess.Popen(_main_cmd(workdir, "supervised", RUN), env=env, cwd=_ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -183,12 +228,13 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, env):
   while time.time() < deadline and proc.poll() is None:
     names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
     if any(n.isdigit() and int(n) >= 2 for n in names):
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(signum)
       break
     time.sleep(0.05)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  assert "Stopped at step" in err, err[-3000:]
+  assert "Stopped at step" in err and signal.Signals(signum).name in err, err[-3000:]
+  assert "Traceback" not in out + err
   stopped = int(err.split("Stopped at step ")[1].split()[0])
   assert stopped < TOTAL_STEPS
   assert (workdir / "checkpoints" / str(stopped)).is_dir()
@@ -212,3 +258,131 @@ def test_predict_writes_masks_and_overlays(dgcl_run, tmp_path, env):
     mask = Image.open(out / f"{stem}_mask.png")
     assert mask.size == size and mask.mode == "RGB"
     assert Image.open(out / f"{stem}_overlay.png").size == size
+
+
+# ----------------------------------------------------------------------------- run identity, failures
+
+
+def _tree_digest(workdir):
+  """{relative path: sha256} of every file under checkpoints/ and config.json."""
+  digest = {}
+  for base, _, files in os.walk(workdir / "checkpoints"):
+    for name in files:
+      path = os.path.join(base, name)
+      digest[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  digest["config.json"] = hashlib.sha256((workdir / "config.json").read_bytes()).hexdigest()
+  return digest
+
+
+def _run_fails(cmd, env, status=1, cwd=_ROOT):
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+  assert proc.returncode == status, f"{proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  return _one_error_line(proc)
+
+
+def test_changed_config_is_refused_and_nothing_is_touched(dgcl_run, tmp_path, env):
+  finished, _ = dgcl_run
+  before = _tree_digest(finished)
+  # A finished run: a change is refused, --allow_config_change too (it would train over the result).
+  line = _run_fails(_main_cmd(finished, "dgcl", [*RUN, "--config.seed=1", "--config.loss.unsup_weight=0.3"]), env)
+  assert "finished at step 9" in line and "seed 0 -> 1" in line and "loss.unsup_weight 0.5 -> 0.3" in line
+  line = _run_fails(_main_cmd(finished, "dgcl", [*RUN, "--config.batch_size=8", "--allow_config_change"]), env)
+  assert "batch_size 4 -> 8" in line and "new --workdir" in line
+  # Logging and checkpoint frequencies may change freely: nothing to train.
+  again = _run(_main_cmd(finished, "dgcl", [*RUN, "--config.log_every_steps=5", "--config.checkpoint_every_steps=7"]),
+               env)
+  assert "nothing to train" in again.stdout + again.stderr
+  assert _tree_digest(finished) == before
+
+  # An unfinished run (the finished one without its last checkpoint).
+  workdir = tmp_path / "unfinished"
+  shutil.copytree(finished, workdir)
+  shutil.rmtree(workdir / "checkpoints" / str(TOTAL_STEPS))
+  before = _tree_digest(workdir)
+  line = _run_fails(_main_cmd(workdir, "dgcl", [*RUN, "--config.model.num_classes=6", "--config.data.num_classes=6"]),
+                    env)
+  assert "started with another config" in line and "model.num_classes 5 -> 6" in line
+  assert "--allow_config_change" in line
+  assert _tree_digest(workdir) == before
+  # The user who means it: the run resumes with the new value, the old config is kept beside it.
+  # (A new seed needs no new compilation.)
+  proc = _run(_main_cmd(workdir, "dgcl", [*RUN, "--config.seed=1", "--allow_config_change"]), env)
+  assert "Resumed from step 8" in proc.stderr and "final: student mIoU" in proc.stdout
+  assert json.load(open(workdir / "config.json"))["seed"] == 1
+  assert json.load(open(workdir / "config.before_step_8.json"))["seed"] == 0
+
+
+def test_disk_full_during_a_background_save_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path, env):
+  workdir = tmp_path / "full"
+  cmd = [sys.executable, "tests/fault_main.py", "disk_full", "3", *_main_cmd(workdir, "supervised", RUN)[3:]]
+  line = _run_fails(cmd, env)
+  assert "no space left on the device" in line and "step 2, is kept" in line
+  step, params = _final_params(workdir)
+  assert step == 2 and params
+
+
+def test_data_errors_mid_run_save_first_then_resume(tmp_path, env):
+  workdir = tmp_path / "data"
+  run = [*RUN, "--config.checkpoint_every_steps=100"]   # saves only at the evaluations (steps 3, 6, 9)
+  flags = _main_cmd(workdir, "supervised", run)[3:]
+  # A validation file fails at the first evaluation: the epoch's state is saved, its evaluation pending.
+  line = _run_fails([sys.executable, "tests/fault_main.py", "val_error", "3", *flags], env)
+  assert "val.png" in line and "during the evaluation at step 3" in line and "after step 3 was saved" in line
+  # The rerun evaluates first; then a training file fails at step 5: step 4 is saved.
+  line = _run_fails([sys.executable, "tests/fault_main.py", "data_error", "4", *flags], env)
+  assert "broken.jpg" in line and "at step 5" in line and "the state after step 4 was saved" in line
+  assert (workdir / "checkpoints" / "4").is_dir()
+  proc = _run(_main_cmd(workdir, "supervised", run), env)
+  assert "Resumed from step 4" in proc.stderr and "final: student mIoU" in proc.stdout
+  meta = json.load(open(workdir / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"))
+  assert [r["step"] for r in meta["history"]] == [3, 6, 9]
+
+
+def test_second_ctrl_c_exits_at_once(env):
+  code = ("import os, signal, time; from dgcl_jax import train; p = train._Preempted(); "
+          "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); assert p.requested; "
+          "os.kill(os.getpid(), signal.SIGINT); time.sleep(5); print('not reached')")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=_ROOT)
+  assert proc.returncode == 130
+  assert "not reached" not in proc.stdout and "interrupted again" in proc.stderr
+
+
+def _write_tiny_pascal(root, ids):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  (root / "JPEGImages").mkdir(parents=True)
+  (root / "SegmentationClassAug").mkdir()
+  for name in ids:
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+    Image.fromarray(rng.integers(0, 4, (40, 40), dtype=np.uint8), mode="L").save(
+        root / "SegmentationClassAug" / f"{name}.png")
+
+
+def test_pascal_needs_a_pretrained_backbone_or_none(tmp_path, env):
+  ids = [f"im{i}" for i in range(6)]
+  _write_tiny_pascal(tmp_path / "voc", ids)
+  lists = {}
+  for name, part in (("labeled", ids[:2]), ("unlabeled", ids[2:4]), ("val", ids[4:])):
+    (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
+    lists[name] = str(tmp_path / f"{name}.txt")
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "dgcl_jax.main", f"--config={_ROOT}/configs/pascal.py", f"--workdir={workdir}",
+         f"--config.data.root={tmp_path / 'voc'}"]
+  # cwd=tmp_path: the default pretrained/resnet101 is relative to the working directory.
+  line = _run_fails(cmd, env, cwd=tmp_path)
+  assert "config.model.pretrained='pretrained/resnet101'" in line
+  assert "python scripts/convert_torch_checkpoint.py --input resnet101.pth --output pretrained/resnet101" in line
+  assert "--config.model.pretrained=none" in line
+  assert not (workdir / "checkpoints").exists()
+
+  tiny = ["--config.model.pretrained=none", f"--config.data.labeled_list={lists['labeled']}",
+          f"--config.data.unlabeled_list={lists['unlabeled']}", f"--config.data.val_list={lists['val']}",
+          "--config.model.depth=14", "--config.model.base_width=8", "--config.model.decoder_channels=16",
+          "--config.model.low_level_channels=8", "--config.model.rep_dim=16", "--config.model.dtype=float32",
+          "--config.data.crop_size=32", "--config.data.val_crop_size=32", "--config.data.num_workers=0",
+          "--config.batch_size=2", "--config.num_slices=2", "--config.num_epochs=1", "--config.steps_per_epoch=1",
+          "--config.num_eval_images_logged=0"]
+  proc = subprocess.run(cmd + tiny, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert "final: student mIoU" in proc.stdout
+  assert "backbone starts from random weights" in proc.stderr

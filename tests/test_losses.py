@@ -216,6 +216,24 @@ def test_cutmix_partner_and_coin():
     assert ((ml != labels).any((1, 2, 3)) == want_changed).all()
 
 
+def test_cutmix_slices_share_one_coin_per_step():
+  """Quirk s.3 step 3: every slice mixes or none does; with cutmix_coin='slice' they disagree."""
+  s, b, h, w = 4, 2, 8, 11
+  images, labels, ignore = (np.broadcast_to(x, (s,) + x.shape) for x in _cutmix_inputs(b, h, w))
+  keys = jax.random.split(jax.random.PRNGKey(5), 200)
+  for shared in (True, False):
+    run = jax.jit(jax.vmap(lambda k: losses.cutmix_slices(k, images, labels, ignore, 0.5, shared_coin=shared)))
+    mi, ml, mm = map(np.asarray, run(keys))
+    changed = (mi != images[None]).any((2, 3, 4, 5))            # [steps, slices]
+    assert 0.3 < changed.mean() < 0.7
+    assert ((ml != labels[None]).any((2, 3, 4)) == changed).all()
+    assert ((mm != ignore[None]).any((2, 3, 4)) == changed).all()
+    all_or_none = (changed.all(1) | ~changed.any(1)).all()
+    assert all_or_none == shared
+    if shared:   # boxes still differ between slices
+      assert (mi[changed.all(1)][:, 0] != mi[changed.all(1)][:, 1]).any()
+
+
 # ----------------------------------------------------------------------------- losses
 
 def test_cross_entropy_with_ignore():

@@ -227,12 +227,14 @@ def test_contrastive_loss_is_the_mean_of_per_slice_losses_computed_by_hand():
   p = fns.progress(jnp.asarray(4))
   drop = schedules.drop_percent(p, config.loss.drop_percent)
   percent = schedules.contrastive_percent(p, config.loss.contrastive_percent, config.loss.contrastive_percent_min)
-  mix_keys = jax.random.split(k_cutmix, s)
+  k_coin, k_slices = jax.random.split(k_cutmix)
+  mix_keys = jax.random.split(k_slices, s)
+  coin = jax.random.uniform(k_coin) < config.loss.cutmix_prob   # one coin for every slice
   mixed = []
   for i in range(s):
     rows = slice(i * bs, (i + 1) * bs)
     pseudo = losses.pseudo_labels(t_out["pred"][b:][rows], ignore[rows], drop, method=config.loss.quantile_method)
-    mixed.append(losses.cutmix(mix_keys[i], unlabeled[rows], pseudo, ignore[rows], prob=config.loss.cutmix_prob)[0])
+    mixed.append(losses.cutmix(mix_keys[i], unlabeled[rows], pseudo, ignore[rows], coin=coin)[0])
   images = jnp.concatenate([labeled, unlabeled] + mixed)
   out, _ = fns._student_forward(state.params, state.batch_stats, images, k_student)  # pylint: disable=protected-access
   loss_keys = jax.random.split(k_contrast, s)
@@ -305,3 +307,88 @@ def test_ground_truth_pseudo_labels_replace_the_teachers():
     losses[name] = {k: float(v) for k, v in metrics.items()}
   assert losses["same"]["unsup"] == pytest.approx(losses["same"]["sup"], rel=1e-4)
   assert abs(losses["shifted"]["unsup"] - losses["same"]["unsup"]) > 1e-3  # near-uniform logits at init
+
+
+# ----------------------------------------------------------------------------- float16 loss scaling
+
+
+def test_loss_scale_follows_torch_grad_scaler():
+  """make_loss_scale gives the scales of torch's GradScaler over finite and overflowing steps."""
+  torch = pytest.importorskip("torch")
+  config = tiny_config("dgcl")
+  config.optim.loss_scale_init = 2.0 ** 4
+  config.optim.loss_scale_growth_interval = 3
+  overflow = [False, False, False, False, True, False, False, True, True, False, False, False, False, False,
+              False, False]
+  p = torch.ones(2, requires_grad=True)
+  opt = torch.optim.SGD([p], lr=0.1)
+  scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=3)
+  ls = train.make_loss_scale(config)
+  step = jax.jit(lambda ls, x: ls.value_and_grad(lambda q: jnp.sum(q * x))(jnp.ones(2)))
+  torch_scales, ours = [], []
+  for bad in overflow:
+    x = [float("inf") if bad else 1.0, 2.0]
+    opt.zero_grad()
+    scaler.scale(torch.sum(p * torch.tensor(x))).backward()
+    scaler.step(opt)
+    scaler.update()
+    torch_scales.append(scaler.get_scale())
+    ls, finite, _, _ = step(ls, jnp.asarray(x))
+    assert bool(finite) == (not bad)
+    ours.append(float(ls.scale))
+  assert torch_scales == ours
+  assert len(set(ours)) > 2   # the sequence both grew and shrank
+
+
+def test_float16_overflow_skips_the_update_halves_the_scale_and_advances_the_step():
+  config = tiny_config("dgcl")
+  config.model.dtype = "float16"
+  config.optim.loss_scale_init = 2.0 ** 40   # scaled cotangents overflow float16
+  state = initial_state(config).replace(memory_bank=_full_bank(config), step=np.asarray(5, np.int32))
+  new_state, hist = _run_steps(config, 1, 1, semi=True, state=state)
+  metrics = hist[0]
+  assert metrics["skipped"] == 1.0 and metrics["loss_scale"] == 2.0 ** 40
+  assert float(new_state.loss_scale.scale) == 2.0 ** 39 and int(new_state.loss_scale.fin_steps) == 0
+  assert int(new_state.step) == 6
+  same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                (new_state.params, new_state.opt_state), (state.params, state.opt_state))
+  counts = [np.asarray(x) for x in jax.tree_util.tree_leaves(new_state.opt_state)
+            if np.issubdtype(np.asarray(x).dtype, np.integer)]
+  old_counts = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.opt_state)
+                if np.issubdtype(np.asarray(x).dtype, np.integer)]
+  # Parameters and momentum stay; the schedule counts advance with the step.
+  assert all(jax.tree_util.tree_leaves(same[0]))
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(new_state.opt_state), jax.tree_util.tree_leaves(state.opt_state))
+      if not np.issubdtype(np.asarray(a).dtype, np.integer))
+  assert counts and all((c == o + 1).all() for c, o in zip(counts, old_counts))
+  # BN statistics, the EMA teacher and the bank still move, as in the reference.
+  assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(new_state.batch_stats)[0]),
+                            np.asarray(jax.tree_util.tree_leaves(state.batch_stats)[0]))
+  assert int(np.asarray(new_state.memory_bank.count).sum()) == int(np.asarray(state.memory_bank.count).sum())
+  assert not np.array_equal(np.asarray(new_state.memory_bank.fts), np.asarray(state.memory_bank.fts))
+
+  # With the default scale the same step is taken.
+  config.optim.loss_scale_init = 2.0 ** 16
+  state = state.replace(loss_scale=train.make_loss_scale(config))
+  new_state, hist = _run_steps(config, 1, 1, semi=True, state=state)
+  assert hist[0]["skipped"] == 0.0 and np.isfinite(hist[0]["total"])
+  assert int(new_state.loss_scale.fin_steps) == 1 and float(new_state.loss_scale.scale) == 2.0 ** 16
+  assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(new_state.params)[0]),
+                            np.asarray(jax.tree_util.tree_leaves(state.params)[0]))
+
+
+def test_float16_student_trains():
+  """A few supervised steps of a float16 student on one batch: finite, decreasing losses."""
+  config = tiny_config("supervised")
+  config.model.dtype = "float16"
+  fns = step_functions(config, 1)
+  state = jax.device_put(jax.tree_util.tree_map(np.asarray, initial_state(config)), fns.replicated)
+  batch = jax.device_put(_random_batch(config, 0), fns.batch_sharding)
+  sup = []
+  for _ in range(8):
+    state, metrics, _ = fns.train_step(state, batch, semi=False)
+    sup.append(float(metrics["sup"]))
+    assert float(metrics["skipped"]) == 0.0
+  assert all(np.isfinite(sup))
+  assert np.mean(sup[-2:]) < 0.9 * np.mean(sup[:2])

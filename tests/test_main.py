@@ -1,0 +1,166 @@
+"""The command line's guards, without training: run identity, environment failures, flags, pretrained."""
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+
+from dgcl_jax import config_base
+from dgcl_jax import main
+from dgcl_jax import train
+from tests.test_train import tiny_config
+
+
+def _stored(config):
+  return config_base.as_json_dict(config)
+
+
+def test_config_changes_lists_identity_fields_only(tmp_path):
+  old = tiny_config()
+  new = tiny_config()
+  new.seed = 3
+  new.dgcl.ks = (2, 4)
+  new.log_every_steps, new.checkpoint_every_steps, new.keep_checkpoints = 7, 11, 5
+  new.data.num_workers, new.data.root, new.model.pretrained = 3, "/elsewhere", "none"
+  changes = config_base.config_changes(_stored(old), _stored(new))
+  assert changes == [("seed", 0, 3), ("dgcl.ks", [2, 4, 8], [2, 4])]
+  assert config_base.describe_changes(changes) == "seed 0 -> 3, dgcl.ks [2, 4, 8] -> [2, 4]"
+
+
+def test_config_changes_compares_split_lists_by_content_and_new_fields_by_default(tmp_path):
+  (tmp_path / "a.txt").write_text("x\ny\n")
+  (tmp_path / "b.txt").write_text("x\r\ny")      # the same ids under another path
+  (tmp_path / "c.txt").write_text("x\nz\n")
+  old, new = tiny_config(), tiny_config()
+  old.data.labeled_list, new.data.labeled_list = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+  stored = _stored(old)
+  del stored["loss"]["cutmix_prob"]              # a field added to the code after the run started
+  assert config_base.config_changes(stored, _stored(new)) == []
+  new.data.labeled_list = str(tmp_path / "c.txt")
+  new.loss.cutmix_prob = 0.25
+  names = [c[0] for c in config_base.config_changes(stored, _stored(new))]
+  assert names == ["data.labeled_list", "loss.cutmix_prob"]
+
+
+def _fake_run(workdir, config, steps, final_step=None):
+  """A workdir as a run leaves it, as far as check_run_identity reads it."""
+  for step in steps:
+    os.makedirs(workdir / "checkpoints" / str(step) / "meta")
+    meta = {"best_miou": 0.5, "history": []}
+    if final_step == step:
+      meta["final"] = {"step": step}
+    (workdir / "checkpoints" / str(step) / "meta" / "metadata").write_text(json.dumps(meta))
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def test_run_identity_new_run_resume_refuse_allow(tmp_path):
+  config = tiny_config()
+  config.steps_per_epoch = 3
+  assert train.check_run_identity(config, str(tmp_path / "new")) == (False, [])
+  workdir = tmp_path / "run"
+  _fake_run(workdir, config, [2, 4])
+  assert train.check_run_identity(config, str(workdir)) == (True, [])
+  changed = tiny_config()
+  changed.steps_per_epoch = 3
+  changed.batch_size = 8
+  with pytest.raises(config_base.ConfigChangeError, match=r"started with another config: batch_size 4 -> 8;"):
+    train.check_run_identity(changed, str(workdir))
+  assert train.check_run_identity(changed, str(workdir), allow_config_change=True) == (
+      True, [("batch_size", 4, 8)])
+
+
+def test_run_identity_never_trains_over_a_finished_run(tmp_path):
+  config = tiny_config()
+  config.steps_per_epoch = 3          # 2 epochs: 6 steps
+  workdir = tmp_path / "run"
+  _fake_run(workdir, config, [5, 6], final_step=6)
+  assert train.check_run_identity(config, str(workdir)) == (True, [])
+  longer = tiny_config()
+  longer.steps_per_epoch = 3
+  longer.num_epochs = 4
+  for allow in (False, True):
+    with pytest.raises(config_base.ConfigChangeError, match="finished at step 6.*num_epochs 2 -> 4"):
+      train.check_run_identity(longer, str(workdir), allow_config_change=allow)
+  # A run from before config.json was kept: the finished schedule is still protected.
+  os.remove(workdir / "config.json")
+  with pytest.raises(config_base.ConfigChangeError, match="12 steps instead of 6"):
+    train.check_run_identity(longer, str(workdir), allow_config_change=True)
+  assert train.check_run_identity(config, str(workdir)) == (True, [])
+
+
+def test_record_run_config_keeps_the_previous_one(tmp_path):
+  config = tiny_config()
+  train.record_run_config(config, str(tmp_path), new_run=True, changes=[], step=0)
+  assert json.load(open(tmp_path / "config.json"))["batch_size"] == 4
+  config.batch_size = 8
+  train.record_run_config(config, str(tmp_path), new_run=False, changes=[], step=5)
+  assert json.load(open(tmp_path / "config.json"))["batch_size"] == 4
+  train.record_run_config(config, str(tmp_path), new_run=False, changes=[("batch_size", 4, 8)], step=5)
+  assert json.load(open(tmp_path / "config.json"))["batch_size"] == 8
+  assert json.load(open(tmp_path / "config.before_step_5.json"))["batch_size"] == 4
+
+
+def test_environment_failures_are_recognised():
+  full = OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/3")
+  assert train.environment_cause(full).startswith("no space left on the device")
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at local file '
+                           '"/w/ckpt/": Failed to write 12 bytes to file 7: No space left on device')
+  assert train.environment_cause(tensorstore) == (
+      "no space left on the device (Failed to write 12 bytes to file 7: No space left on device)")
+  try:
+    try:
+      raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    except OSError as e:
+      raise RuntimeError("save failed") from e
+  except RuntimeError as wrapped:
+    assert train.environment_cause(wrapped).startswith("disk quota exceeded")
+  assert train.environment_cause(ValueError("shape mismatch")) is None
+  error = train.environment_failure(full, "/nowhere")
+  assert isinstance(error, train.RunEnvironmentError) and "no complete checkpoint exists yet" in str(error)
+  plain = ValueError("shape mismatch")
+  assert train.environment_failure(plain, "/nowhere") is plain
+
+
+def test_prepare_workdir_names_the_problem(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(train.RunEnvironmentError, match="Not a directory"):
+    train.prepare_workdir(str(tmp_path / "file" / "run"))
+  train.prepare_workdir(str(tmp_path / "ok"))
+  assert os.listdir(tmp_path / "ok") == []
+
+
+def test_pretrained_backbone_check(tmp_path):
+  config = tiny_config()
+  train.check_pretrained(config)                  # synthetic, "": random init without a word
+  config.model.pretrained = "none"
+  assert config_base.pretrained_dir(config) is None
+  train.check_pretrained(config)
+  config.model.pretrained = str(tmp_path / "missing")
+  with pytest.raises(config_base.ConfigError, match="convert_torch_checkpoint.py --input resnet101.pth"):
+    train.check_pretrained(config)
+  (tmp_path / "missing").mkdir()
+  train.check_pretrained(config)
+
+
+def test_flag_error_lines():
+  error = AttributeError("'\\'batchsize\\'\\nDid you mean \"batch_size\" instead of \"batchsize\"?'")
+  assert main._flag_error_line(error, ["x", "--config.batchsize=4"]) == (  # pylint: disable=protected-access
+      "unknown config field --config.batchsize: did you mean --config.batch_size?")
+  error = OSError("Configuration is not available because of an earlier failure to load: Failed loading config "
+                  "file config_config\n  Attempted [Relative path]:\n    configs/x.py\n      [Errno 2] No such file")
+  assert main._flag_error_line(error, []) == (  # pylint: disable=protected-access
+      "cannot load the --config file: [Errno 2] No such file")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_first_ctrl_c_ask_the_loop_to_save_and_stop(signum):
+  previous = signal.getsignal(signum)
+  preempted = train._Preempted()  # pylint: disable=protected-access
+  try:
+    os.kill(os.getpid(), signum)
+    assert preempted.requested and preempted.signal_name == signal.Signals(signum).name
+  finally:
+    preempted.restore()
+  assert signal.getsignal(signum) is previous

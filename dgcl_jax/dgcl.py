@@ -1,12 +1,17 @@
 """Multi-scale density, the per-class memory bank and the density-guided contrastive loss.
 
-REFERENCE.md section 4, with static shapes: loops over classes are `lax.map` (one class's
-[pixels x capacity] similarity live at a time), random subsets without replacement are top-k
-over uniform keys restricted by a mask, and counts are mask sums.
+REFERENCE.md section 4, with static shapes: loops over classes are `lax.map` / `fori_loop`,
+random subsets without replacement are top-k over uniform keys restricted by a mask, and counts
+are mask sums. A class's work follows the pixels it has: its subset is drawn at the smallest of
+a few static sizes (`buckets`, chosen with `lax.switch`) that holds them, and its densities are
+computed in blocks of `row_block` rows by a loop that runs ceil(rows / row_block) times; an
+absent class does no density work at all. The loss's class loop has no gradient: it picks
+anchors and targets, and one gather of the anchors after it carries the gradient.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.struct
@@ -16,6 +21,14 @@ import numpy as np
 from jax import lax
 
 _NORM_EPS = 1e-12   # torch.nn.functional.normalize
+# Sizes a class's random subset is drawn at (each one top_k; the largest is the cap).
+DEFAULT_BUCKETS = (32, 128, 512, 2048, 8192)
+
+
+def default_row_block() -> int:
+  """Rows per density block: small on CPU (cost follows the pixels closely), larger on
+  accelerators (fewer loop iterations)."""
+  return 128 if jax.default_backend() == "cpu" else 1024
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -44,16 +57,9 @@ def top_k_values(x: jax.Array, k: int, chunk: int | None = None) -> jax.Array:
   return jnp.concatenate(parts, axis=-1)
 
 
-def multi_scale_density(feats: jax.Array, keys: jax.Array, ks: Sequence[int] = (8, 16, 32),
-                        key_mask: jax.Array | None = None, topk_chunk: int | None = None,
-                        row_chunk: int | None = 2048) -> jax.Array:
-  """Density of feats [M, C] against keys [N, C] -> [M] float32.
-
-  Cosine similarities S = F K^T; for each k the mean of the k largest values of a row; the
-  density is the mean over ks. `key_mask` [N] bool marks valid keys; with fewer than k valid
-  keys the mean runs over the valid ones (0 when there are none). With `row_chunk`, rows are
-  processed sequentially in blocks of that many, so only a [row_chunk, N] block of S is live.
-  """
+def _density_fn(keys: jax.Array, ks: Sequence[int], key_mask: jax.Array | None,
+                topk_chunk: int | None):
+  """f [m, C] -> density [m] f32 against keys [N, C] (normalized once, outside any row loop)."""
   ks = tuple(int(k) for k in ks)
   kmax = min(max(ks), keys.shape[0])
   kn = _normalize(keys.astype(jnp.float32))
@@ -73,6 +79,20 @@ def multi_scale_density(feats: jax.Array, keys: jax.Array, ks: Sequence[int] = (
                for k in ks]
     return sum(means) / len(means)
 
+  return block
+
+
+def multi_scale_density(feats: jax.Array, keys: jax.Array, ks: Sequence[int] = (8, 16, 32),
+                        key_mask: jax.Array | None = None, topk_chunk: int | None = None,
+                        row_chunk: int | None = 2048) -> jax.Array:
+  """Density of feats [M, C] against keys [N, C] -> [M] float32.
+
+  Cosine similarities S = F K^T; for each k the mean of the k largest values of a row; the
+  density is the mean over ks. `key_mask` [N] bool marks valid keys; with fewer than k valid
+  keys the mean runs over the valid ones (0 when there are none). With `row_chunk`, rows are
+  processed sequentially in blocks of that many, so only a [row_chunk, N] block of S is live.
+  """
+  block = _density_fn(keys, ks, key_mask, topk_chunk)
   m = feats.shape[0]
   if row_chunk is None or m <= row_chunk:
     return block(feats)
@@ -82,11 +102,45 @@ def multi_scale_density(feats: jax.Array, keys: jax.Array, ks: Sequence[int] = (
   return out.reshape(-1)[:m]
 
 
+def _rows_density(fts: jax.Array, idx: jax.Array, num_rows: jax.Array, keys: jax.Array,
+                  ks: Sequence[int], key_mask: jax.Array, topk_chunk: int | None, row_block: int,
+                  fill: float) -> jax.Array:
+  """[R]: density of fts[idx[i]] against keys for i < num_rows (traced), `fill` for the rest.
+
+  fts [P, C], idx [R] int32. A loop over blocks of `row_block` rows runs ceil(num_rows /
+  row_block) times, so the work follows num_rows, not R; num_rows = 0 computes nothing.
+  """
+  size = idx.shape[0]
+  row_block = max(1, min(int(row_block), size))
+  n_blocks = -(-size // row_block)
+  idx = jnp.pad(idx, (0, n_blocks * row_block - size))
+  density = _density_fn(keys, ks, key_mask, topk_chunk)
+
+  def body(i, out):
+    rows = lax.dynamic_slice(idx, (i * row_block,), (row_block,))
+    return lax.dynamic_update_slice(out, density(fts[rows]), (i * row_block,))
+
+  trips = (num_rows + row_block - 1) // row_block
+  out = lax.fori_loop(0, trips, body, jnp.full((n_blocks * row_block,), fill, jnp.float32))
+  return jnp.where(jnp.arange(size) < num_rows, out[:size], fill)
+
+
+def _bucket_sizes(buckets: Sequence[int], cap: int) -> tuple[int, ...]:
+  """The static subset sizes for at most `cap` rows: the buckets below cap, then cap."""
+  return tuple(sorted({int(b) for b in buckets if 0 < int(b) < cap})) + (cap,)
+
+
+def _bucket_index(m: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
+  """Index of the smallest of `sizes` (ascending) that is >= m, for 0 <= m <= sizes[-1]."""
+  return sum(((m > size).astype(jnp.int32) for size in sizes[:-1]), jnp.zeros((), jnp.int32))
+
+
 def _random_subset(mask: jax.Array, rng: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
   """Up to `size` indices of True entries of mask [N], uniform without replacement.
 
   Returns (indices [size] int32, valid [size] bool); valid entries come first, and every True
-  entry is taken when there are at most `size` of them.
+  entry is taken when there are at most `size` of them. The draw for a smaller `size` is a prefix
+  of the draw for a larger one with the same rng (top_k is stable), so bucketing keeps the draws.
   """
   u = jax.random.uniform(rng, mask.shape)
   score = jnp.where(mask, u, -1.0)
@@ -94,6 +148,26 @@ def _random_subset(mask: jax.Array, rng: jax.Array, size: int) -> tuple[jax.Arra
   n = jnp.sum(mask.astype(jnp.int32))
   valid = jnp.arange(size) < jnp.minimum(n, size)
   return idx, valid
+
+
+def _draw(mask: jax.Array, rng: jax.Array, branch: jax.Array, sizes: tuple[int, ...],
+          row_major: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """`_random_subset(mask, rng, sizes[branch])` padded to sizes[-1] (indices 0, invalid).
+
+  With `row_major` (traced bool) true, the valid indices are sorted ascending.
+  """
+  cap = sizes[-1]
+
+  def draw(size):
+    idx, valid = _random_subset(mask, rng, size)
+    if row_major is not None:
+      in_order = jnp.minimum(jnp.sort(jnp.where(valid, idx, mask.shape[0])), mask.shape[0] - 1)
+      idx = jnp.where(row_major, in_order, idx)
+    return jnp.pad(idx, (0, cap - size)), jnp.pad(valid, (0, cap - size))
+
+  if len(sizes) == 1:
+    return draw(sizes[0])
+  return lax.switch(branch, [functools.partial(draw, size) for size in sizes])
 
 
 @flax.struct.dataclass
@@ -138,12 +212,18 @@ class MemoryBank:
 
   def update(self, fts: jax.Array, rep: jax.Array, labels: jax.Array, rng: jax.Array, *,
              max_new_per_class: int = 1000, density_min_entries: int = 1000,
-             ks: Sequence[int] = (8, 16, 32), topk_chunk: int | None = None) -> "MemoryBank":
+             ks: Sequence[int] = (8, 16, 32), topk_chunk: int | None = None,
+             buckets: Sequence[int] = DEFAULT_BUCKETS, row_block: int | None = None,
+             density: jax.Array | None = None) -> "MemoryBank":
     """Pushes fts [B, H, W, Cf], rep [B, H, W, Cr] of pixels labeled [B, H, W] (255 ignored).
 
     Per class: at most `max_new_per_class` of its pixels, drawn without replacement; their
     density against the class's current entries if it holds more than `density_min_entries`,
-    else 0; they enter at the front, the oldest entries fall off beyond capacity.
+    else 0; they enter at the front, the oldest entries fall off beyond capacity. The density
+    work follows the pixels drawn (blocks of `row_block` rows, default `default_row_block()`);
+    a class without pixels is left as it is. `buckets`: the sizes the draw is made at.
+    `density` [B, H, W] f32 (NaN: unknown), e.g. from `dgcl_loss(return_density=True)` with this
+    bank and the same ks: a class whose drawn pixels all have one uses those.
     """
     num_classes, cap = self.num_classes, self.capacity
     fts, rep, labels = jnp.asarray(fts), jnp.asarray(rep), jnp.asarray(labels)
@@ -151,36 +231,56 @@ class MemoryBank:
     rep = rep.reshape(-1, rep.shape[-1]).astype(jnp.float32)
     labels = labels.reshape(-1).astype(jnp.int32)
     num_pix = labels.shape[0]
+    if density is not None:
+      density = jnp.asarray(density, jnp.float32).reshape(-1)
+      if density.shape != labels.shape:
+        raise ValueError(f"MemoryBank.update: density has {density.shape[0]} entries, labels {num_pix}")
     num_new = min(int(max_new_per_class), num_pix)
+    sizes = _bucket_sizes(buckets, num_new)
+    row_block = default_row_block() if row_block is None else int(row_block)
     pos = jnp.arange(cap)
 
-    def one_class(xs):
-      c, key, q_fts, q_rep, q_dens, count = xs
-      idx, valid = _random_subset(labels == c, key, num_new)
-      n_new = jnp.sum(valid.astype(jnp.int32))
-      # When every pixel of the class is taken the reference keeps their row-major order (which
-      # decides what a partial eviction drops); a real draw stays in random order, as randperm.
-      in_order = jnp.minimum(jnp.sort(jnp.where(valid, idx, num_pix)), num_pix - 1)
-      idx = jnp.where(jnp.sum(labels == c) <= num_new, in_order, idx)
-      new_fts = fts[idx]
-      new_rep = rep[idx]
-      # The reference computes density against the queue as it stands before this insert.
-      new_dens = lax.cond(
-          count > density_min_entries,
-          lambda: multi_scale_density(new_fts, q_fts, ks, key_mask=pos < count, topk_chunk=topk_chunk),
-          lambda: jnp.zeros((num_new,), jnp.float32))
-      take_new = pos < n_new
-      src_new = jnp.minimum(pos, num_new - 1)
-      src_old = jnp.maximum(pos - n_new, 0)
-      out_fts = jnp.where(take_new[:, None], new_fts[src_new], q_fts[src_old])
-      out_rep = jnp.where(take_new[:, None], new_rep[src_new], q_rep[src_old])
-      out_dens = jnp.where(take_new, new_dens[src_new], q_dens[src_old])
-      return out_fts, out_rep, out_dens, jnp.minimum(count + n_new, cap)
+    def draw_class(xs):
+      """Class c's new pixels [num_new] (first n_new valid) and their densities [num_new]."""
+      c, key, q_fts, count = xs
+      mask = labels == c
+      n = jnp.sum(mask.astype(jnp.int32))
+
+      def insert():
+        # When every pixel of the class is taken the reference keeps their row-major order (which
+        # decides what a partial eviction drops); a real draw stays in random order, as randperm.
+        idx, valid = _draw(mask, key, _bucket_index(jnp.minimum(n, num_new), sizes), sizes,
+                           row_major=n <= num_new)
+        n_new = jnp.sum(valid.astype(jnp.int32))
+        # The reference computes density against the queue as it stands before this insert.
+        rows = jnp.where(count > density_min_entries, n_new, 0)
+        if density is not None:
+          given = density[idx]
+          known = jnp.all(jnp.isfinite(given) | ~valid)
+          rows = jnp.where(known, 0, rows)
+        new_dens = _rows_density(fts, idx, rows, q_fts, ks, pos < count, topk_chunk, row_block, 0.0)
+        if density is not None:
+          new_dens = jnp.where(known & (count > density_min_entries), given, new_dens)
+        return idx, n_new, new_dens
+
+      return lax.cond(n > 0, insert, lambda: (jnp.zeros((num_new,), jnp.int32), jnp.zeros((), jnp.int32),
+                                              jnp.zeros((num_new,), jnp.float32)))
 
     keys = jax.random.split(rng, num_classes)
-    out = lax.map(one_class, (jnp.arange(num_classes), keys, self.fts, self.rep, self.density,
-                              self.count))
-    return MemoryBank(fts=out[0], rep=out[1], density=out[2], count=out[3].astype(jnp.int32))
+    idx, n_new, new_dens = lax.map(draw_class, (jnp.arange(num_classes), keys, self.fts, self.count))
+    # One pass over the bank: row c's first n_new[c] entries are the new ones, then the old ones
+    # shifted back by n_new[c]; an absent class's row is copied as it is.
+    take_new = pos[None, :] < n_new[:, None]                                    # [K, cap]
+    src_new = jnp.minimum(pos, num_new - 1)                                     # [cap]
+    src_old = jnp.maximum(pos[None, :] - n_new[:, None], 0)                     # [K, cap]
+    new_px = idx[:, src_new]                                                    # [K, cap]
+    old_fts = jnp.take_along_axis(self.fts, src_old[..., None], axis=1)
+    old_rep = jnp.take_along_axis(self.rep, src_old[..., None], axis=1)
+    return MemoryBank(
+        fts=jnp.where(take_new[..., None], fts[new_px], old_fts),
+        rep=jnp.where(take_new[..., None], rep[new_px], old_rep),
+        density=jnp.where(take_new, new_dens[:, src_new], jnp.take_along_axis(self.density, src_old, axis=1)),
+        count=jnp.minimum(self.count + n_new, cap).astype(jnp.int32))
 
 
 def _class_qualifies(c, labels, ignore_classes, ignore_label):
@@ -191,12 +291,22 @@ def _class_qualifies(c, labels, ignore_classes, ignore_label):
   return present & ok
 
 
-def _class_loss(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, *, temperature, ks,
-                num_anchors, num_positives, max_pixels, num_negatives, ignore_label, topk_chunk):
-  """Loss of class c on one slice (flattened rep [P, Cr] f32, fts [P, Cf], labels [P])."""
+def _class_targets(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, branch, rows, *, sizes,
+                   row_block, ks, num_anchors, num_positives, num_negatives, ignore_label,
+                   topk_chunk, with_density):
+  """What the loss of class c on one slice needs, without gradient (all inputs stop-gradient).
+
+  rep [P, Cr] f32, fts [P, Cf], labels [P] flattened. The subset of at most n_keep = sizes[-1]
+  pixels is drawn at size sizes[branch] (>= the class's min(n, n_keep)); densities are computed
+  for its first `rows` entries (>= min(n, n_keep) when n > 32, may be 0 otherwise); both are
+  traced and may be shared by the slices of a vmap. Returns anchor pixel indices [A] int32,
+  their validity [A] bool, the normalized targets (prototype, then negatives) [1 + N, Cr] and
+  their validity [1 + N] bool; `with_density` adds the pixels whose density was computed
+  [n_keep] int32 (P where none) and their densities [n_keep].
+  """
   num_pix = labels.shape[0]
   cap = b_fts.shape[0]
-  n_keep = min(max_pixels, num_pix)
+  n_keep = sizes[-1]
   n_anc = min(num_anchors, n_keep)
   n_pos = min(num_positives, n_keep)
   n_bpos = min(num_positives, cap)
@@ -205,17 +315,14 @@ def _class_loss(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, *, temp
 
   mask = labels == c
   n = jnp.sum(mask.astype(jnp.int32))
-  kept, kept_valid = _random_subset(mask, k_keep, n_keep)
+  kept, kept_valid = _draw(mask, k_keep, branch, sizes)
   bank_valid = jnp.arange(cap) < b_count
-  dens = lax.cond(
-      n > 32,
-      lambda: multi_scale_density(fts[kept], b_fts, ks, key_mask=bank_valid, topk_chunk=topk_chunk),
-      lambda: jnp.ones((n_keep,), jnp.float32))
+  dens = _rows_density(fts, kept, rows, b_fts, ks, bank_valid, topk_chunk, row_block, 1.0)
+  dens = jnp.where(n > 32, dens, 1.0)
 
   # Anchors: lowest density (n is counted before the max_pixels cap, as the reference).
   _, a_sel = lax.top_k(jnp.where(kept_valid, -dens, -jnp.inf), n_anc)
   a_valid = jnp.arange(n_anc) < jnp.minimum(n, n_anc)
-  anchors = rep[kept[a_sel]]
 
   # Prototype: one mean over the highest-density pixels and the bank's highest-density entries.
   _, p_sel = lax.top_k(jnp.where(kept_valid, dens, -jnp.inf), n_pos)
@@ -225,21 +332,53 @@ def _class_loss(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, *, temp
   pos_sum = (jnp.sum(jnp.where(p_valid[:, None], rep[kept[p_sel]], 0.0), axis=0)
              + jnp.sum(jnp.where(bp_valid[:, None], b_rep[bp_sel], 0.0), axis=0))
   pos_cnt = jnp.sum(p_valid) + jnp.sum(bp_valid)
-  proto = lax.stop_gradient(pos_sum / jnp.maximum(pos_cnt, 1).astype(jnp.float32))
+  proto = pos_sum / jnp.maximum(pos_cnt, 1).astype(jnp.float32)
 
   # Negatives: any labeled pixel of another class (class 0 included), not only the kept ones.
   neg_idx, neg_valid = _random_subset((labels != c) & (labels != ignore_label), k_neg, n_neg)
-  negs = lax.stop_gradient(rep[neg_idx])
-
-  targets = _normalize(jnp.concatenate([proto[None], negs], axis=0))
-  logits = jnp.einsum("ac,tc->at", _normalize(anchors), targets,
-                      preferred_element_type=jnp.float32) / temperature
+  targets = _normalize(jnp.concatenate([proto[None], rep[neg_idx]], axis=0))
   t_valid = jnp.concatenate([jnp.ones((1,), bool), neg_valid])
-  logits = jnp.where(t_valid[None, :], logits, -jnp.inf)
-  logits = logits - lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
-  log_prob = logits[:, 0] - jnp.log(jnp.sum(jnp.exp(logits), axis=1) + 1e-6)
+  out = (kept[a_sel], a_valid, targets, t_valid)
+  if with_density:
+    out += (jnp.where(kept_valid & (n > 32), kept, num_pix), dens)
+  return out
+
+
+def _no_targets(num_anchors, num_targets, rep_dim, num_pix, n_keep, with_density):
+  """`_class_targets`'s output for a class without a loss: no valid anchor."""
+  out = (jnp.zeros((num_anchors,), jnp.int32), jnp.zeros((num_anchors,), bool),
+         jnp.zeros((num_targets, rep_dim), jnp.float32), jnp.arange(num_targets) < 1)
+  if with_density:
+    out += (jnp.full((n_keep,), num_pix, jnp.int32), jnp.zeros((n_keep,), jnp.float32))
+  return out
+
+
+def _target_shapes(num_pix, rep_dim, *, sizes, num_anchors, num_negatives, with_density, **_):
+  """`_no_targets`'s arguments."""
+  return (min(num_anchors, sizes[-1]), 1 + min(num_negatives, num_pix), rep_dim, num_pix, sizes[-1],
+          with_density)
+
+
+def _density_map(num_pix, idx, dens):
+  """[P] f32: dens [..., R] at pixels idx [..., R] (P = none), NaN at the other pixels."""
+  return jnp.full((num_pix,), jnp.nan, jnp.float32).at[idx.reshape(-1)].set(dens.reshape(-1), mode="drop")
+
+
+def _anchor_loss(rep, a_idx, a_valid, targets, t_valid, temperature):
+  """Mean over classes with anchors of the per-class InfoNCE loss (the prototype is target 0).
+
+  rep [P, Cr] f32 (the only input with gradient), a_idx / a_valid [K, A], targets [K, T, Cr],
+  t_valid [K, T] -> scalar.
+  """
+  anchors = _normalize(rep[a_idx])                                        # [K, A, Cr]
+  logits = jnp.einsum("kac,ktc->kat", anchors, targets, preferred_element_type=jnp.float32)
+  logits = jnp.where(t_valid[:, None, :], logits / temperature, -jnp.inf)
+  logits = logits - lax.stop_gradient(jnp.max(logits, axis=2, keepdims=True))
+  log_prob = logits[..., 0] - jnp.log(jnp.sum(jnp.exp(logits), axis=2) + 1e-6)
   log_prob = jnp.where(a_valid, log_prob, 0.0)
-  return -jnp.sum(log_prob) / jnp.maximum(jnp.sum(a_valid), 1).astype(jnp.float32)
+  num = jnp.sum(a_valid, axis=1)
+  per_class = -jnp.sum(log_prob, axis=1) / jnp.maximum(num, 1).astype(jnp.float32)
+  return jnp.sum(per_class) / jnp.maximum(jnp.sum(num > 0), 1).astype(jnp.float32)
 
 
 def _prepare(rep, fts, labels):
@@ -253,66 +392,105 @@ def dgcl_loss(rep: jax.Array, fts: jax.Array, labels: jax.Array, bank: MemoryBan
               temperature: float = 0.5, ks: Sequence[int] = (8, 16, 32), num_anchors: int = 200,
               num_positives: int = 50, max_pixels: int = 10000, num_negatives: int = 512,
               ignore_classes: Sequence[int] = (0,), ignore_label: int = 255,
-              topk_chunk: int | None = None) -> jax.Array:
+              topk_chunk: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
+              row_block: int | None = None, return_density: bool = False):
   """Density-guided contrastive loss of one slice -> scalar float32 (REFERENCE.md section 4).
 
   rep [B, H, W, Cr] (gradient flows through the anchors only), fts [B, H, W, Cf] (no gradient),
-  labels [B, H, W] (255 ignored). Mean over qualifying classes; 0 when none. Vmappable over a
-  leading slice axis with `bank` broadcast (then absent classes are masked, not skipped; see
-  `dgcl_loss_slices` for a version that skips classes absent from every slice).
+  labels [B, H, W] (255 ignored). Mean over qualifying classes; 0 when none. A class with n
+  pixels computes min(n, max_pixels) densities (in blocks of `row_block` rows), none if n <= 32;
+  `buckets`: the sizes its subset is drawn at. Vmappable over a leading slice axis with `bank`
+  broadcast (then absent classes are masked, not skipped, and the density loop runs for the
+  largest slice; see `dgcl_loss_slices`).
+
+  With `return_density`: (loss, density [B, H, W] f32), the density of each pixel against its
+  class's bank entries where the loss computed it, NaN elsewhere (no gradient). Passed to
+  `MemoryBank.update(density=...)` with the same bank and ks, it spares the update that work.
   """
+  labels_shape = jnp.shape(labels)
   rep, fts, labels = _prepare(rep, fts, labels)
-  kw = dict(temperature=temperature, ks=tuple(ks), num_anchors=num_anchors,
-            num_positives=num_positives, max_pixels=max_pixels, num_negatives=num_negatives,
-            ignore_label=ignore_label, topk_chunk=topk_chunk)
   ignore_classes = tuple(ignore_classes)
+  sizes = _bucket_sizes(buckets, min(int(max_pixels), labels.shape[0]))
+  kw = dict(sizes=sizes, row_block=default_row_block() if row_block is None else int(row_block),
+            ks=tuple(ks), num_anchors=num_anchors, num_positives=num_positives,
+            num_negatives=num_negatives, ignore_label=ignore_label, topk_chunk=topk_chunk,
+            with_density=bool(return_density))
+  num_pix = labels.shape[0]
+  shapes = _target_shapes(num_pix, rep.shape[-1], **kw)
+  # The class loop has no gradient: it picks the anchors, the loss gathers them once after it.
+  rep_ng = lax.stop_gradient(rep)
 
   def one_class(xs):
     c, key, b_fts, b_rep, b_dens, b_count = xs
     q = _class_qualifies(c, labels, ignore_classes, ignore_label)
-    loss = lax.cond(q, lambda: _class_loss(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, **kw),
-                    lambda: jnp.zeros((), jnp.float32))
-    return loss, q
+    m = jnp.minimum(jnp.sum((labels == c).astype(jnp.int32)), sizes[-1])
+    return lax.cond(
+        q, lambda: _class_targets(c, key, b_fts, b_rep, b_dens, b_count, rep_ng, fts, labels,
+                                  _bucket_index(m, sizes), jnp.where(m > 32, m, 0), **kw),
+        lambda: _no_targets(*shapes))
 
   keys = jax.random.split(rng, bank.num_classes)
-  losses, qual = lax.map(one_class, (jnp.arange(bank.num_classes), keys, bank.fts, bank.rep,
-                                     bank.density, bank.count))
-  return jnp.sum(losses) / jnp.maximum(jnp.sum(qual), 1).astype(jnp.float32)
+  picked = lax.map(one_class, (jnp.arange(bank.num_classes), keys, bank.fts, bank.rep,
+                               bank.density, bank.count))
+  loss = _anchor_loss(rep, *picked[:4], temperature)
+  if not return_density:
+    return loss
+  return loss, _density_map(num_pix, *picked[4:]).reshape(labels_shape)
 
 
 def dgcl_loss_slices(rep: jax.Array, fts: jax.Array, labels: jax.Array, bank: MemoryBank, rngs: jax.Array,
-                     **kwargs) -> jax.Array:
+                     **kwargs):
   """Per-slice losses [S] of rep [S, B, H, W, Cr], fts, labels [S, B, H, W], rngs [S] keys.
 
   Equal to `jax.vmap(dgcl_loss, (0, 0, 0, None, 0))`, but with the class loop outside the slice
-  vmap, so a class absent from every slice costs nothing.
+  vmap: a class absent from every slice costs nothing, and a class's draw size and density rows
+  follow its largest count over the slices (one `lax.switch` and one loop per class, not a
+  select over every branch). `return_density`: (losses, density [S, B, H, W]) as `dgcl_loss`.
   """
   ignore_classes = tuple(kwargs.pop("ignore_classes", (0,)))
-  ignore_label = kwargs.get("ignore_label", 255)
   kw = dict(temperature=0.5, ks=(8, 16, 32), num_anchors=200, num_positives=50, max_pixels=10000,
-            num_negatives=512, ignore_label=255, topk_chunk=None)
+            num_negatives=512, ignore_label=255, topk_chunk=None, buckets=DEFAULT_BUCKETS,
+            row_block=None, return_density=False)
   unknown = set(kwargs) - set(kw)
   if unknown:
     raise TypeError(f"dgcl_loss_slices: unknown arguments {sorted(unknown)}")
   kw.update(kwargs)
-  kw["ks"] = tuple(kw["ks"])
+  labels_shape = jnp.shape(labels)
   rep, fts, labels = jax.vmap(_prepare)(rep, fts, labels)
   num_slices = rep.shape[0]
+  sizes = _bucket_sizes(kw.pop("buckets"), min(int(kw.pop("max_pixels")), labels.shape[1]))
+  row_block = kw.pop("row_block")
+  temperature = kw.pop("temperature")
+  return_density = bool(kw.pop("return_density"))
+  kw.update(sizes=sizes, ks=tuple(kw["ks"]), with_density=return_density,
+            row_block=default_row_block() if row_block is None else int(row_block))
+  ignore_label = kw["ignore_label"]
+  num_pix = labels.shape[1]
+  shapes = _target_shapes(num_pix, rep.shape[-1], **kw)
+  rep_ng = lax.stop_gradient(rep)
   keys = jax.vmap(lambda k: jax.random.split(k, bank.num_classes))(rngs)   # [S, K]
   keys = jnp.swapaxes(keys, 0, 1)
 
   def one_class(xs):
     c, key, b_fts, b_rep, b_dens, b_count = xs
     q = jax.vmap(lambda l: _class_qualifies(c, l, ignore_classes, ignore_label))(labels)
+    m = jnp.where(q, jnp.minimum(jnp.sum((labels == c).astype(jnp.int32), axis=1), sizes[-1]), 0)
+    branch = _bucket_index(jnp.max(m), sizes)
+    rows = jnp.max(jnp.where(m > 32, m, 0))
 
-    def compute():
-      loss = jax.vmap(lambda k, r, f, l: _class_loss(c, k, b_fts, b_rep, b_dens, b_count, r, f, l, **kw))(
-          key, rep, fts, labels)
-      return jnp.where(q, loss, 0.0)
+    def one_slice(q_s, k, r, f, l):
+      got = _class_targets(c, k, b_fts, b_rep, b_dens, b_count, r, f, l, branch, rows, **kw)
+      none = _no_targets(*shapes)
+      return jax.tree.map(lambda a, b: jnp.where(q_s, a, b), got, none)
 
-    loss = lax.cond(jnp.any(q), compute, lambda: jnp.zeros((num_slices,), jnp.float32))
-    return loss, q
+    none = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_slices,) + a.shape), _no_targets(*shapes))
+    return lax.cond(jnp.any(q), lambda: jax.vmap(one_slice)(q, key, rep_ng, fts, labels),
+                    lambda: none)
 
-  losses, qual = lax.map(one_class, (jnp.arange(bank.num_classes), keys, bank.fts, bank.rep,
-                                     bank.density, bank.count))
-  return jnp.sum(losses, axis=0) / jnp.maximum(jnp.sum(qual, axis=0), 1).astype(jnp.float32)
+  picked = lax.map(one_class, (jnp.arange(bank.num_classes), keys, bank.fts, bank.rep,
+                               bank.density, bank.count))              # each [K, S, ...]
+  picked = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), picked)
+  losses = jax.vmap(lambda r, *p: _anchor_loss(r, *p, temperature))(rep, *picked[:4])
+  if not return_density:
+    return losses
+  return losses, jax.vmap(functools.partial(_density_map, num_pix))(*picked[4:]).reshape(labels_shape)

@@ -12,8 +12,8 @@ from dgcl_jax import dgcl
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "dgcl_reference.npz")
 LOSS_STATIC = ("temperature", "ks", "num_anchors", "num_positives", "max_pixels", "num_negatives",
-               "ignore_classes", "ignore_label", "topk_chunk")
-UPDATE_STATIC = ("max_new_per_class", "density_min_entries", "ks", "topk_chunk")
+               "ignore_classes", "ignore_label", "topk_chunk", "buckets", "row_block")
+UPDATE_STATIC = ("max_new_per_class", "density_min_entries", "ks", "topk_chunk", "buckets", "row_block")
 
 _loss_vg = jax.jit(jax.value_and_grad(dgcl.dgcl_loss), static_argnames=LOSS_STATIC)
 _update = jax.jit(lambda bank, *a, **kw: bank.update(*a, **kw), static_argnames=UPDATE_STATIC)
@@ -311,3 +311,227 @@ def test_sharded_step_matches_unsharded_and_bank_is_replicated():
     for s in shards:
       assert s.data.shape == g.shape
       np.testing.assert_array_equal(np.asarray(s.data), np.asarray(shards[0].data))
+
+
+# ---------------------------------------------------------------- work in proportion to the pixels
+
+def _ref_subset(mask, key, size):
+  """The draw of the unbucketed implementation: top-`size` of uniform keys over the mask."""
+  _, idx = jax.lax.top_k(jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0), size)
+  return idx, jnp.arange(size) < jnp.minimum(jnp.sum(mask), size)
+
+
+def _ref_loss(rep, fts, labels, bank, rng, *, temperature=0.5, ks=(8, 16, 32), num_anchors=200,
+              num_positives=50, max_pixels=10000, num_negatives=512, ignore_classes=(0,)):
+  """The unbucketed loss: every present class draws and computes min(max_pixels, P) rows."""
+  rep = rep.reshape(-1, rep.shape[-1])
+  fts = jax.lax.stop_gradient(fts.reshape(-1, fts.shape[-1]))
+  labels = labels.reshape(-1)
+  num_pix, cap = labels.shape[0], bank.capacity
+  n_keep, n_neg = min(max_pixels, num_pix), min(num_negatives, num_pix)
+  n_anc, n_pos, n_bpos = min(num_anchors, n_keep), min(num_positives, n_keep), min(num_positives, cap)
+  losses, qual = [], []
+  for c, key in enumerate(jax.random.split(rng, bank.num_classes)):
+    k_keep, k_neg = jax.random.split(key)
+    mask = labels == c
+    n = jnp.sum(mask)
+    b_count, bank_valid = bank.count[c], jnp.arange(cap) < bank.count[c]
+    kept, kept_valid = _ref_subset(mask, k_keep, n_keep)
+    dens = jnp.where(n > 32, dgcl.multi_scale_density(fts[kept], bank.fts[c], ks, key_mask=bank_valid), 1.0)
+    a_sel = jax.lax.top_k(jnp.where(kept_valid, -dens, -jnp.inf), n_anc)[1]
+    a_valid = jnp.arange(n_anc) < jnp.minimum(n, n_anc)
+    p_sel = jax.lax.top_k(jnp.where(kept_valid, dens, -jnp.inf), n_pos)[1]
+    p_valid = jnp.arange(n_pos) < jnp.minimum(n, n_pos)
+    bp_sel = jax.lax.top_k(jnp.where(bank_valid, bank.density[c], -jnp.inf), n_bpos)[1]
+    bp_valid = jnp.arange(n_bpos) < jnp.minimum(b_count, n_bpos)
+    proto = (jnp.sum(jnp.where(p_valid[:, None], rep[kept[p_sel]], 0), 0)
+             + jnp.sum(jnp.where(bp_valid[:, None], bank.rep[c][bp_sel], 0), 0)) / (p_valid.sum() + bp_valid.sum())
+    neg_idx, neg_valid = _ref_subset((labels != c) & (labels != 255), k_neg, n_neg)
+    t = dgcl._normalize(jax.lax.stop_gradient(jnp.concatenate([proto[None], rep[neg_idx]])))
+    logits = dgcl._normalize(rep[kept[a_sel]]) @ t.T / temperature
+    logits = jnp.where(jnp.concatenate([jnp.ones((1,), bool), neg_valid])[None], logits, -jnp.inf)
+    logits = logits - jax.lax.stop_gradient(logits.max(1, keepdims=True))
+    logp = jnp.where(a_valid, logits[:, 0] - jnp.log(jnp.exp(logits).sum(1) + 1e-6), 0.0)
+    q = (n > 0) & (c not in ignore_classes)
+    losses.append(jnp.where(q, -logp.sum() / jnp.maximum(a_valid.sum(), 1), 0.0))
+    qual.append(q)
+  return jnp.sum(jnp.stack(losses)) / jnp.maximum(jnp.sum(jnp.stack(qual)), 1)
+
+
+def _ref_update(bank, fts, rep, labels, rng, *, max_new_per_class=1000, density_min_entries=1000,
+                ks=(8, 16, 32)):
+  """The unbucketed bank update: every class draws and computes min(max_new, P) rows."""
+  fts, rep, labels = fts.reshape(-1, fts.shape[-1]), rep.reshape(-1, rep.shape[-1]), labels.reshape(-1)
+  num_pix, cap = labels.shape[0], bank.capacity
+  num_new, pos = min(max_new_per_class, num_pix), jnp.arange(bank.capacity)
+  out = []
+  for c, key in enumerate(jax.random.split(rng, bank.num_classes)):
+    mask, count = labels == c, bank.count[c]
+    idx, valid = _ref_subset(mask, key, num_new)
+    in_order = jnp.minimum(jnp.sort(jnp.where(valid, idx, num_pix)), num_pix - 1)
+    idx = jnp.where(jnp.sum(mask) <= num_new, in_order, idx)
+    n_new = valid.sum()
+    dens = jnp.where(count > density_min_entries,
+                     dgcl.multi_scale_density(fts[idx], bank.fts[c], ks, key_mask=pos < count), 0.0)
+    src_new, src_old = jnp.minimum(pos, num_new - 1), jnp.maximum(pos - n_new, 0)
+    take = pos < n_new
+    out.append((jnp.where(take[:, None], fts[idx][src_new], bank.fts[c][src_old]),
+                jnp.where(take[:, None], rep[idx][src_new], bank.rep[c][src_old]),
+                jnp.where(take, dens[src_new], bank.density[c][src_old]), jnp.minimum(count + n_new, cap)))
+  return dgcl.MemoryBank(*(jnp.stack(x) for x in zip(*out)))
+
+
+# Classes of 1 (no density), 33, 500, 5000 and 20000 (above max_pixels and max_new) pixels; 6 absent.
+SIZES = {0: 890, 1: 1, 2: 33, 3: 500, 4: 5000, 5: 20000, 255: 200}
+PROPORTIONAL = dict(temperature=0.5, ks=(2, 4, 8), num_anchors=20, num_positives=10, num_negatives=64)
+
+
+def _sized_inputs(seed, sizes=SIZES, num_classes=7, cap=64, shape=(2, 128, 104)):
+  rng = np.random.default_rng(seed)
+  bank = _small_bank(rng, num_classes=num_classes, cap=cap)
+  bank = bank.replace(count=jnp.asarray([cap, cap, cap // 2, cap, 40, cap, cap], jnp.int32))
+  labels = _labels(rng, sizes, shape)
+  rep = jnp.asarray(rng.normal(size=shape + (6,)), jnp.float32)
+  fts = jnp.asarray(rng.normal(size=shape + (8,)), jnp.float32)
+  return bank, rep, fts, labels
+
+
+def test_proportional_loss_equals_unbucketed(ref):
+  bank, rep, fts, labels = _sized_inputs(8)
+  key = jax.random.PRNGKey(5)
+  want, want_grad = jax.jit(jax.value_and_grad(functools.partial(_ref_loss, **PROPORTIONAL)))(
+      rep, fts, labels, bank, key)
+  assert float(want) > 0
+  for row_block in (None, 100):
+    got, grad = _loss_vg(rep, fts, labels, bank, key, row_block=row_block, **PROPORTIONAL)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-7)
+  # Gradient at the anchors only: class 1's one pixel and 20 of each of 2..5 (0 ignored, 6 absent).
+  assert np.sum(np.any(np.asarray(grad) != 0, axis=-1)) == 81
+  # The fixtures' case against the unbucketed loss.
+  fix_bank = dgcl.MemoryBank(
+      fts=jnp.stack([ref[f"bank/after3/class{c}/fts"] for c in range(4)]),
+      rep=jnp.stack([ref[f"bank/after3/class{c}/rep"] for c in range(4)]),
+      density=jnp.stack([ref[f"bank/after3/class{c}/density"] for c in range(4)]),
+      count=jnp.full((4,), 1200, jnp.int32))
+  args = (jnp.asarray(ref["loss/mixed/rep"]), jnp.asarray(ref["loss/mixed/fts"]),
+          jnp.asarray(ref["loss/mixed/labels"], jnp.int32), fix_bank, jax.random.PRNGKey(3))
+  want, want_grad = jax.jit(jax.value_and_grad(_ref_loss))(*args)
+  got, grad = _loss_vg(*args)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-8)
+
+
+def test_proportional_slices_equal_unbucketed():
+  """Per-slice draw sizes and density rows follow the largest slice: each slice's loss unchanged."""
+  bank, rep0, fts0, labels0 = _sized_inputs(9)
+  _, rep1, fts1, _ = _sized_inputs(10)
+  swapped = {**SIZES, 1: 5000, 4: 1, 2: 20000, 5: 33}   # another count per class
+  labels1 = _labels(np.random.default_rng(11), swapped, (2, 128, 104))
+  rep, fts, labels = jnp.stack([rep0, rep1]), jnp.stack([fts0, fts1]), jnp.stack([labels0, labels1])
+  keys = jax.random.split(jax.random.PRNGKey(6), 2)
+  kw = dict(PROPORTIONAL, max_pixels=4000)
+  want = jax.jit(jax.vmap(functools.partial(_ref_loss, **kw), (0, 0, 0, None, 0)))(rep, fts, labels, bank, keys)
+  got = jax.jit(functools.partial(dgcl.dgcl_loss_slices, **kw))(rep, fts, labels, bank, keys)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+  per = jax.jit(jax.vmap(functools.partial(dgcl.dgcl_loss, **kw), (0, 0, 0, None, 0)))(rep, fts, labels, bank, keys)
+  np.testing.assert_allclose(np.asarray(per), np.asarray(want), rtol=1e-5)
+
+
+def test_proportional_update_equals_unbucketed():
+  bank, rep, fts, labels = _sized_inputs(12)
+  kw = dict(max_new_per_class=1000, density_min_entries=50, ks=(2, 4, 8))
+  key = jax.random.PRNGKey(7)
+  want = jax.jit(functools.partial(_ref_update, **kw))(bank, fts, rep, labels, key)
+  got = _update(bank, fts, rep, labels, key, **kw)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(got.fts[6]), np.asarray(bank.fts[6]))   # absent: as it was
+  np.testing.assert_array_equal(np.asarray(got.fts[1, 1:]), np.asarray(bank.fts[1, :-1]))   # one pixel in
+  # Densities only where the class held more than density_min_entries (class 4 held 40).
+  assert np.all(np.asarray(got.density[5]) != 0) and np.all(np.asarray(got.density[4]) == 0)
+
+
+def _count_density_rows(monkeypatch):
+  """Patches the density so that each block it computes reports its row count; returns the list."""
+  rows = []
+  density_fn = dgcl._density_fn
+
+  def counting(*args, **kwargs):
+    block = density_fn(*args, **kwargs)
+
+    def counted(f):
+      jax.debug.callback(lambda x: rows.append(int(x)), f.shape[0], ordered=False)
+      return block(f)
+    return counted
+
+  monkeypatch.setattr(dgcl, "_density_fn", counting)
+  return rows
+
+
+def test_absent_and_small_classes_cost_no_density(monkeypatch):
+  rows = _count_density_rows(monkeypatch)
+  bank, rep, fts, labels = _sized_inputs(13)
+  kw = dict(PROPORTIONAL, row_block=16)
+  loss = jax.jit(jax.value_and_grad(functools.partial(dgcl.dgcl_loss, **kw)))
+  jax.block_until_ready(loss(rep, fts, labels, bank, jax.random.PRNGKey(0)))
+  # Class 1 (1 pixel) and 6 (absent): nothing; 0 is ignored; 33 / 500 / 5000 pixels in blocks
+  # of 16, 20000 capped at max_pixels.
+  want = [-(-n // 16) * 16 for n in (33, 500, 5000, 10000)]
+  jax.effects_barrier()
+  assert sum(rows) == sum(want) and set(rows) == {16}
+  rows.clear()
+  jax.block_until_ready(_update(bank, fts, rep, labels, jax.random.PRNGKey(0), max_new_per_class=1000,
+                                density_min_entries=50, ks=(2, 4, 8), row_block=16))
+  # Classes 0, 1 (one pixel), 3, 5 (capped at max_new); not 2 and 4 (32 and 40 entries <=
+  # density_min_entries), not 6 (absent).
+  jax.effects_barrier()
+  assert sum(rows) == sum(-(-min(n, 1000) // 16) * 16 for n in (890, 1, 500, 20000))
+  rows.clear()
+  only = np.full(labels.shape, 255, np.int32)
+  only[0, 0, :40] = 3   # one class of 40 pixels: 3 blocks of 16 rows; every other class absent
+  jax.block_until_ready(loss(rep, fts, jnp.asarray(only), bank, jax.random.PRNGKey(0)))
+  slices = jax.jit(functools.partial(dgcl.dgcl_loss_slices, **kw))
+  jax.block_until_ready(slices(rep[None], fts[None], jnp.asarray(only)[None], bank,
+                               jax.random.PRNGKey(0)[None]))
+  jax.effects_barrier()
+  assert rows == [16, 16, 16, 16, 16, 16]
+
+
+def test_loss_density_map_spares_the_update(monkeypatch):
+  rows = _count_density_rows(monkeypatch)
+  bank, rep, fts, labels = _sized_inputs(14)
+  kw = dict(PROPORTIONAL, row_block=16)
+  loss, dmap = jax.jit(functools.partial(dgcl.dgcl_loss, return_density=True, **kw))(
+      rep, fts, labels, bank, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(float(loss), float(jax.jit(functools.partial(dgcl.dgcl_loss, **kw))(
+      rep, fts, labels, bank, jax.random.PRNGKey(1))), rtol=1e-6)
+  dmap, flat = np.asarray(dmap), np.asarray(labels)
+  assert dmap.shape == labels.shape
+  for c, n in SIZES.items():   # computed for every pixel of 2, 3, 4 and 10000 of 5's
+    known = np.isfinite(dmap[flat == c])
+    assert known.sum() == {2: 33, 3: 500, 4: 5000, 5: 10000}.get(c, 0), c
+    if known.any():
+      want = dgcl.multi_scale_density(fts[flat == c][known], bank.fts[c], (2, 4, 8),
+                                      key_mask=jnp.arange(64) < bank.count[c])
+      np.testing.assert_allclose(dmap[flat == c][known], np.asarray(want), atol=1e-6)
+  rows.clear()
+  ukw = dict(max_new_per_class=1000, density_min_entries=30, ks=(2, 4, 8), row_block=16)
+  want = jax.block_until_ready(_update(bank, fts, rep, labels, jax.random.PRNGKey(2), **ukw))
+  jax.effects_barrier()
+  computed = sum(rows)
+  rows.clear()
+  got = jax.block_until_ready(
+      _update(bank, fts, rep, labels, jax.random.PRNGKey(2), density=jnp.asarray(dmap), **ukw))
+  jax.effects_barrier()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+  # Every class holds > 30 entries; left to compute with the map: 0 (ignored by the loss), 1 (one
+  # pixel: no density in the loss) and 5 (20000 pixels: its draw is not within the loss's 10000).
+  assert computed == sum(-(-min(n, 1000) // 16) * 16 for n in (890, 1, 33, 500, 1000, 1000))
+  assert sum(rows) == sum(-(-n // 16) * 16 for n in (890, 1, 1000))
+  # Slices: one map per slice, as dgcl_loss's.
+  sl = jax.jit(functools.partial(dgcl.dgcl_loss_slices, return_density=True, **kw))(
+      rep[None], fts[None], labels[None], bank, jax.random.PRNGKey(1)[None])
+  np.testing.assert_allclose(np.asarray(sl[0]), [float(loss)], rtol=1e-6)
+  np.testing.assert_array_equal(np.isnan(np.asarray(sl[1][0])), np.isnan(dmap))

@@ -35,7 +35,7 @@ def get_config(arg: str = "372"):
   m.aspp_dilations = (12, 24, 36)
   m.aux = True
   m.zero_init_residual = True
-  m.remat = True              # fits 24-48 GB GPUs (README, Benchmarks)
+  m.remat = True              # recompute activations in the backward pass: ~4x less memory (README, Benchmarks)
   m.pretrained = "pretrained/resnet101"   # ImageNet backbone (README, Real data); required:
                                           # --config.model.pretrained=none trains from scratch
 

@@ -31,7 +31,7 @@ def get_config(arg: str = "732"):
   config.model.aspp_dilations = (6, 12, 18)
   config.model.aux = False
   config.model.zero_init_residual = False
-  config.model.remat = True   # fits 24-48 GB GPUs (README, Benchmarks)
+  config.model.remat = True   # recompute activations in the backward pass: ~4x less memory (README, Benchmarks)
   config.model.pretrained = "pretrained/resnet101"   # ImageNet backbone (README, Real data); required:
                                                      # --config.model.pretrained=none trains from scratch
 

@@ -37,7 +37,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.bn_epsilon = 1e-5
   m.remat = False               # the student's backward pass recomputes each ResNet block and head layer
                                 # from its input: a fraction of the activation memory for about one more
-                                # forward pass; same numbers, same parameter names (models/layers.remat_call)
+                                # forward pass; same numbers (to rounding), same parameter names (layers.remat_call)
   m.dtype = "float32"           # compute dtype of the student's forward: float32, bfloat16, or float16 with
                                 # dynamic loss scaling (optim.loss_scale_*); the teacher and evaluation
                                 # always run in float32
@@ -61,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.image_summary_every_steps = 0   # 0: only at evaluation
   c.num_eval_images_logged = 3
-  c.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = $XDG_CACHE_HOME or ~/.cache
-                                # /dgcl_jax/jax_cache; "none" = off; else a directory
+  c.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = JAX_COMPILATION_CACHE_DIR if set,
+                                # else $XDG_CACHE_HOME or ~/.cache, /dgcl_jax/jax_cache; "none" = off; else a dir
 
   c.model = model_config()
 
@@ -141,6 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
   g.max_new_per_class = 1000
   g.density_min_entries = 1000
   g.ignore_classes = (0,)
+  g.share_density = True        # the bank update reuses the densities the loss computed against the same
+                                # bank (same values, less work); False: it computes every one itself
 
   e = c.ema = ml_collections.ConfigDict()
   e.decay = 0.999
@@ -265,7 +267,7 @@ class ConfigChangeError(ConfigError):
 FREE_FIELDS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
     "image_summary_every_steps", "num_eval_images_logged", "evaluation.mode", "evaluation.model",
-    "model.pretrained", "model.remat",
+    "model.pretrained", "model.remat", "compilation_cache_dir",
     "data.root", "data.tfds_data_dir", "data.num_workers", "data.prefetch_buffer_size", "data.class_names",
 })
 # Split lists: the same ids under another path (a moved checkout) are the same run.

@@ -119,16 +119,19 @@ def create_train_state(config, rng: jax.Array, *, load_pretrained: bool = True) 
 
 
 def compilation_cache_dir(config) -> str | None:
-  """Where jax's persistent compilation cache lives for this run; None when it is off.
+  """Where jax's persistent compilation cache lives for this run; None when the trainer sets none.
 
-  config.compilation_cache_dir: '' = $XDG_CACHE_HOME (else ~/.cache)/dgcl_jax/jax_cache,
-  'none' = off (jax's own settings, e.g. JAX_COMPILATION_CACHE_DIR, still apply), else that path.
+  config.compilation_cache_dir: '' = jax's own setting if any (JAX_COMPILATION_CACHE_DIR), else
+  $XDG_CACHE_HOME (else ~/.cache)/dgcl_jax/jax_cache; 'none' = the trainer sets no cache (jax's own
+  setting still applies); else that directory.
   """
   value = str(config.get("compilation_cache_dir", "") or "").strip()
   if value.lower() == "none":
     return None
   if value:
     return os.path.abspath(os.path.expanduser(value))
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "dgcl_jax", "jax_cache")
 
@@ -156,9 +159,9 @@ def setup_compilation_cache(config) -> str | None:
   if jax.config.jax_compilation_cache_dir != path:
     compilation_cache.reset_cache()   # jax keeps the first directory it opened otherwise
     jax.config.update("jax_compilation_cache_dir", path)
-  # The steps take seconds to minutes to compile; jax's 1 s default would skip mid-size programs.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # The steps take seconds to minutes to compile; below jax's 1 s default, mid-size programs count too.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    min(0.5, jax.config.jax_persistent_cache_min_compile_time_secs))
   if not _CACHE_HITS[1]:
     jax.monitoring.register_event_listener(_count_cache_hit)
     _CACHE_HITS[1] = True
@@ -367,7 +370,7 @@ class StepFunctions:
                                              _slices(mixed_ignore, s)))
         total = sup + cfg.loss.unsup_weight * unsup
         contrastive = jnp.zeros(())
-        fts_lu = rep_lu = None
+        fts_lu = rep_lu = density = None
         if use_dgcl:
           # 8. Density-guided contrastive loss per slice, once the bank is full.
           fts_lu = out["fts"][:2 * b].astype(jnp.float32)
@@ -378,17 +381,21 @@ class StepFunctions:
 
           def contrast(args):
             rep_s, fts_s = args
-            per_slice = dgcl.dgcl_loss_slices(
-                rep_s, fts_s, contrast_labels, state.memory_bank, loss_keys, **dgcl_loss_kwargs(cfg))
-            return jnp.mean(per_slice)
+            per_slice, density = dgcl.dgcl_loss_slices(
+                rep_s, fts_s, contrast_labels, state.memory_bank, loss_keys, return_density=True,
+                **dgcl_loss_kwargs(cfg))
+            return jnp.mean(per_slice), jax.lax.stop_gradient(density)
 
-          contrastive = jax.lax.cond(bank_full, contrast, lambda _: jnp.zeros(()), (rep_s, fts_s))
+          def no_contrast(_):
+            return jnp.zeros(()), jnp.full(contrast_labels.shape, jnp.nan, jnp.float32)
+
+          contrastive, density = jax.lax.cond(bank_full, contrast, no_contrast, (rep_s, fts_s))
           # 9. Quirk: the contrastive gradient weight is 0.5 / W of the slice mean (REFERENCE s.3).
           total = total + cfg.loss.contrastive_weight * _scaled_gradient(contrastive, grad_scale)
         metrics = {"sup": sup, "unsup": unsup, "contrastive": contrastive}
-        return total, (new_stats, metrics, fts_lu, rep_lu)
+        return total, (new_stats, metrics, fts_lu, rep_lu, density)
 
-      total, (new_stats, metrics, fts_lu, rep_lu), grads, loss_scale, finite = self._value_and_grad(
+      total, (new_stats, metrics, fts_lu, rep_lu, density), grads, loss_scale, finite = self._value_and_grad(
           loss_fn, state)
       bank = state.memory_bank
       if use_dgcl:
@@ -397,10 +404,13 @@ class StepFunctions:
         # Rows in the order of the reference's all-gather: [labeled_0; unlabeled_0; labeled_1; ...].
         def per_slice_order(x):
           return _unslice(jnp.concatenate([_slices(x[:b], s), _slices(x[b:], s)], axis=1))
+        # The loss has just computed, against this same bank and ks, the density of most pixels
+        # the update draws: it reuses those (same values) and computes only the others.
         bank = bank.update(jax.lax.stop_gradient(per_slice_order(fts_lu)),
                            jax.lax.stop_gradient(per_slice_order(rep_lu)), _unslice(contrast_labels),
                            k_bank, max_new_per_class=g.max_new_per_class,
-                           density_min_entries=g.density_min_entries, ks=tuple(g.ks))
+                           density_min_entries=g.density_min_entries, ks=tuple(g.ks),
+                           density=_unslice(density) if g.share_density else None)
       summary = {"unlabeled_image": unlabeled[:1], "pseudo_label": pseudo[0, :1]}
       metrics["bank_full"] = bank_full.astype(jnp.float32)
 

@@ -392,3 +392,30 @@ def test_float16_student_trains():
     assert float(metrics["skipped"]) == 0.0
   assert all(np.isfinite(sup))
   assert np.mean(sup[-2:]) < 0.9 * np.mean(sup[:2])
+
+
+def test_bank_update_reuses_the_losss_densities(monkeypatch):
+  """dgcl.share_density: the same bank as an update that computes every density, with fewer rows."""
+  import test_dgcl  # pylint: disable=g-import-not-at-top
+  rows = test_dgcl._count_density_rows(monkeypatch)  # pylint: disable=protected-access
+  banks, computed = [], []
+  for share in (False, True):
+    config = tiny_config("dgcl")
+    config.dgcl.share_density = share
+    # 64 pixels: 16 x 16 features per image, so that classes have more than the loss's 32 pixels.
+    config.data.crop_size = config.data.synthetic_image_size = 64
+    fns = train.StepFunctions(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)), steps_per_epoch=4)
+    state = initial_state(config).replace(memory_bank=_full_bank(config))
+    state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
+    rows.clear()
+    new_state, metrics, _ = fns.train_step(state, jax.device_put(_random_batch(config), fns.batch_sharding),
+                                           semi=True)
+    jax.block_until_ready(new_state)
+    jax.effects_barrier()
+    assert float(metrics["bank_full"]) == 1.0 and float(metrics["contrastive"]) > 0
+    banks.append(jax.tree_util.tree_map(np.asarray, new_state.memory_bank))
+    computed.append(sum(rows))
+  for a, b in zip(jax.tree_util.tree_leaves(banks[0]), jax.tree_util.tree_leaves(banks[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert (banks[1].density[:, :1] != 0).any()   # new entries got densities
+  assert 0 < computed[1] < computed[0], computed

@@ -12,6 +12,47 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def _after(x, g):
+  """x, made to depend on the cotangent g without changing its value (x + 0 * one element of g)."""
+  zero = jax.tree_util.tree_leaves(g)[0].reshape(-1)[0] * 0
+  return x + zero.astype(x.dtype)
+
+
+def remat_call(module: nn.Module, x, train: bool, enabled: bool = True):
+  """module(x, train), rematerialized: the backward pass keeps only x (and the module's variables)
+  and recomputes the module's forward from them.
+
+  Unlike jax.checkpoint, the recomputation reads x through a data dependency on the incoming
+  cotangent, so XLA cannot schedule it right after the forward pass: XLA:CPU drops jax.checkpoint's
+  optimization barriers and hoisted the recomputed blocks there, which kept every block's
+  temporaries alive together (as much memory as no remat). The module must not draw random numbers
+  (its recomputation could not replay them); its variables keep their names and values.
+  `enabled=False` calls the module plainly (callers pass it while initializing).
+  """
+  if not enabled:
+    return module(x, train)
+
+  def fn(mdl, x):
+    return mdl(x, train)
+
+  def forward(mdl, x):
+    return mdl(x, train), (mdl.variables, x)
+
+  def backward(residuals, g):
+    variables, x = residuals
+    unbound = module.clone(parent=None)
+
+    def apply(params, x):
+      # BatchNorm in training mode normalizes with batch statistics: the running ones do not matter.
+      return unbound.apply({**variables, "params": params}, x, train, mutable=True)[0]
+
+    _, vjp = jax.vjp(apply, variables["params"], _after(x, g))
+    params_t, x_t = vjp(g)
+    return {"params": params_t}, x_t
+
+  return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(module, x)
+
+
 def torch_uniform_init(fan_in: int) -> Callable:
   """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weights and biases)."""
   bound = 1.0 / math.sqrt(max(fan_in, 1))

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 
-from dgcl_jax.models.layers import BatchNorm, Conv, ConvBNReLU, max_pool_ceil
+from dgcl_jax.models.layers import BatchNorm, Conv, ConvBNReLU, max_pool_ceil, remat_call
 
 STAGE_BLOCKS = {14: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 MULTI_GRID = (2, 2, 4)
@@ -65,6 +65,8 @@ class ResNet(nn.Module):
   """Deep-stem ResNet returning the four stage outputs [B, H/4..H/os, W/4.., 4*base*(1,2,4,8)].
 
   Names: stem1, stem2, stem3 (ConvBNReLU), layer{1..4}_{j} (Bottleneck).
+  remat: the backward pass recomputes each stem layer and each block from its input
+  (layers.remat_call) instead of keeping their insides from the forward pass.
   """
   depth: int = 101
   base_width: int = 64
@@ -74,14 +76,16 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Optional[Any] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     b = self.base_width
     kw = dict(init_mode="kaiming", bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-    x = ConvBNReLU(b, 3, stride=2, name="stem1", **kw)(x, train)
-    x = ConvBNReLU(b, 3, name="stem2", **kw)(x, train)
-    x = ConvBNReLU(2 * b, 3, name="stem3", **kw)(x, train)
+    remat = self.remat and not self.is_initializing()
+    x = remat_call(ConvBNReLU(b, 3, stride=2, name="stem1", **kw), x, train, remat)
+    x = remat_call(ConvBNReLU(b, 3, name="stem2", **kw), x, train, remat)
+    x = remat_call(ConvBNReLU(2 * b, 3, name="stem3", **kw), x, train, remat)
     x = max_pool_ceil(x, 3, 2, 1)
     in_ch = 2 * b
     outs = []
@@ -90,10 +94,11 @@ class ResNet(nn.Module):
       width = b * 2 ** i
       for j in range(n):
         s = stride if j == 0 else 1
-        x = Bottleneck(
+        block = Bottleneck(
             width, s, dilations[j], downsample=(j == 0 and (s != 1 or in_ch != width * EXPANSION)),
             zero_init_residual=self.zero_init_residual, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+            bn_epsilon=self.bn_epsilon, dtype=self.dtype, name=f"layer{i + 1}_{j}")
+        x = remat_call(block, x, train, remat)
         in_ch = width * EXPANSION
       outs.append(x)
     return outs

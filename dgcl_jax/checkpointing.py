@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import threading
 from typing import Any, Callable
 
 from absl import logging
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+from dgcl_jax import cli
 
 ITEMS = ("state", "meta", "data")
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -43,47 +43,20 @@ class ConfigMismatchError(CheckpointError):
   """The checkpoint's arrays do not have the shapes the config gives (another network or bank)."""
 
 
-def _is_closed_loop_error(value) -> bool:
-  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-
-
-def _silence_closed_loop_callbacks() -> None:
-  """Drops the "RuntimeError: Event loop is closed" tracebacks of a failed restore.
+def _orbax_leftover(error, unraisable_object) -> bool:
+  """Whether an error printed as uncaught or unraisable is an echo of a failed restore ("RuntimeError:
+  Event loop is closed", an orbax coroutine never awaited): those are dropped.
 
   Orbax runs each restore in a fresh event loop and closes it as soon as one read fails;
   TensorStore then delivers the other reads' completions to that closed loop, and the other
   reads' coroutines are dropped with their errors: each is printed as unraisable, dozens of
   tracebacks after the one error the caller handles.
   """
-  if getattr(sys.excepthook, "_dgcl_filter", False):
-    return
-  previous = sys.excepthook
-
-  def excepthook(kind, value, tb):
-    if not _is_closed_loop_error(value):
-      previous(kind, value, tb)
-
-  excepthook._dgcl_filter = True  # pylint: disable=protected-access
-  sys.excepthook = excepthook
-  previous_thread_hook = threading.excepthook
-
-  def thread_excepthook(args):
-    if not _is_closed_loop_error(args.exc_value):
-      previous_thread_hook(args)
-
-  threading.excepthook = thread_excepthook
-  previous_unraisable = sys.unraisablehook
-
-  def unraisablehook(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)  # orbax's sibling reads, never awaited
-    orbax_leftover = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-    if not (_is_closed_loop_error(unraisable.exc_value) or orbax_leftover):
-      previous_unraisable(unraisable)
-
-  sys.unraisablehook = unraisablehook
+  code = getattr(unraisable_object, "cr_code", None)  # orbax's sibling reads, never awaited
+  return cli.is_closed_loop_error(error) or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
 
 
-_silence_closed_loop_callbacks()
+cli.drop_exceptions("orbax_closed_loop", _orbax_leftover)
 
 
 def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:

@@ -16,6 +16,8 @@ from typing import Any
 
 from absl import logging
 
+from dgcl_jax import cli
+
 
 class SetupError(ValueError):
   """A problem with the scripts' flags, config or checkpoint: one line for the user."""
@@ -102,7 +104,7 @@ def define_checkpoint_flags(model_help: str, argv: list[str] | None = None):
                                                  "The run's config (default: <workdir>/config.json).",
                                                  lock_config=True, sys_argv=argv)
       except (KeyError, AttributeError, TypeError, ValueError) as e:
-        _exit_with(_override_error_line(e, argv))
+        cli.fail(cli.flag_error_line(e, argv, library_wording=True), 2)
   elif _argv_value(argv, "config") is None:
     config = _ConfigUnavailable("give --workdir=RUN (its config.json is the config) or --config=FILE")
   else:
@@ -119,34 +121,6 @@ def define_checkpoint_flags(model_help: str, argv: list[str] | None = None):
                         "evaluation.model."),
   )
   return holders
-
-
-def _config_error_line(e: BaseException) -> str:
-  """ml_collections' KeyError/AttributeError for an unknown field, as one line."""
-  inner = e
-  while inner.args and isinstance(inner.args[0], BaseException):
-    inner = inner.args[0]
-  text = str(inner.args[0]) if inner.args else str(inner)
-  lines = [l.strip().strip("'\"") for l in text.splitlines() if l.strip()]
-  if isinstance(e, (KeyError, AttributeError)) and lines:
-    hint = f" ({' '.join(lines[1:])})" if len(lines) > 1 else ""
-    return f"unknown config field '{lines[0]}'{hint}"
-  return " ".join(lines) or type(e).__name__
-
-
-def _override_error_line(e: BaseException, argv: list[str]) -> str:
-  message = _config_error_line(e)
-  override = next((a for a in argv[1:] if a.startswith("--config.")), None)
-  if override and "unknown config field" in message:
-    field = message.split("'")[1] if message.count("'") >= 2 else ""
-    override = next((a for a in argv[1:] if a.startswith("--config.") and field in a), override)
-    message = f"{override.split('=', 1)[0]}: {message}"
-  return message
-
-
-def _exit_with(message: str):
-  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def config_value(holder):
@@ -167,17 +141,7 @@ def config_value(holder):
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with any error (unknown config field with its suggestion, wrong type,
   missing config file) as one line on stderr and exit status 2; for app.run(flags_parser=...)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-    if "Traceback (most recent call last)" in message:  # a config file's get_config raised
-      lines = [l.strip() for l in message.splitlines() if l.strip()]
-      message = f"{message.split(': Error', 1)[0]}: {lines[-1]}"
-  except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    message = _override_error_line(e, argv)
-  _exit_with(message)
+  return cli.parse_flags(argv, library_wording=True)
 
 
 def exit_with_status(status: int):
@@ -190,12 +154,6 @@ def exit_with_status(status: int):
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access
   sys.exit(status)
-
-
-def quiet_logs() -> None:
-  """Library INFO logs off, as in dgcl_jax/main.py."""
-  from dgcl_jax import logs  # pylint: disable=g-import-not-at-top
-  logs.quiet_libraries()
 
 
 # ----------------------------------------------------------------------------- variables

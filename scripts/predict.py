@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dgcl_jax import restore  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dgcl_jax import cli, restore  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = restore.define_checkpoint_flags("Which network to use.")
 _MODE = flags.DEFINE_enum("mode", "sliding", ["center", "sliding"], "Whole image or sliding window.")
@@ -31,7 +31,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     return 2
-  restore.quiet_logs()
+  cli.quiet_libraries()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -8,7 +8,6 @@ import signal
 import pytest
 
 from dgcl_jax import config_base
-from dgcl_jax import main
 from dgcl_jax import train
 from tests.test_train import tiny_config
 
@@ -142,16 +141,6 @@ def test_pretrained_backbone_check(tmp_path):
     train.check_pretrained(config)
   (tmp_path / "missing").mkdir()
   train.check_pretrained(config)
-
-
-def test_flag_error_lines():
-  error = AttributeError("'\\'batchsize\\'\\nDid you mean \"batch_size\" instead of \"batchsize\"?'")
-  assert main._flag_error_line(error, ["x", "--config.batchsize=4"]) == (  # pylint: disable=protected-access
-      "unknown config field --config.batchsize: did you mean --config.batch_size?")
-  error = OSError("Configuration is not available because of an earlier failure to load: Failed loading config "
-                  "file config_config\n  Attempted [Relative path]:\n    configs/x.py\n      [Errno 2] No such file")
-  assert main._flag_error_line(error, []) == (  # pylint: disable=protected-access
-      "cannot load the --config file: [Errno 2] No such file")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

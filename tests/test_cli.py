@@ -1,0 +1,99 @@
+"""One-line errors, the log filter and the exception hooks the entry points share."""
+
+import errno
+import logging
+import os
+import sys
+import threading
+import types
+
+import pytest
+
+from dgcl_jax import cli
+
+# What ml_collections raises for --config.batchsize=4 (an AttributeError around a KeyError).
+UNKNOWN = AttributeError(KeyError('\'batchsize\'\nDid you mean "batch_size" instead of "batchsize"?'))
+RAISED = ValueError('flag --config=c.py: Error whilst parsing config file:\n\nTraceback (most recent call last):\n'
+                    '  File "c.py", line 2, in get_config\n    raise ValueError("bad")\nValueError: bad\n')
+
+
+@pytest.fixture(autouse=True)
+def _not_reported():
+  cli._REPORTED[0] = False  # pylint: disable=protected-access
+  yield
+  cli._REPORTED[0] = False  # pylint: disable=protected-access
+
+
+def test_unknown_field_in_each_wording():
+  argv = ["x", "--workdir=w", "--config.batchsize=4"]
+  assert cli.flag_error_line(UNKNOWN, argv) == (
+      "unknown config field --config.batchsize: did you mean --config.batch_size?")
+  assert cli.flag_error_line(UNKNOWN, argv, library_wording=True) == (
+      "--config.batchsize: unknown config field 'batchsize' (Did you mean \"batch_size\" instead of \"batchsize\"?)")
+  # The same text as str() gives it (repr'd, escaped quotes and newline).
+  assert cli.flag_error_line(AttributeError(str(UNKNOWN)), argv) == (
+      "unknown config field --config.batchsize: did you mean --config.batch_size?")
+  nested = AttributeError(KeyError('\'modle\'\nDid you mean "model" instead of "modle"?'))
+  assert cli.flag_error_line(nested, ["x", "--config.modle.depth=3"]) == (
+      "unknown config field --config.modle.depth: did you mean --config.model.depth?")
+  assert cli.flag_error_line(KeyError("'qqq'"), ["x", "--config.qqq.x=1"]) == "unknown config field --config.qqq.x"
+  assert cli.flag_error_line(KeyError("'qqq'"), ["x", "--config.qqq.x=1"], library_wording=True) == (
+      "--config.qqq.x: unknown config field 'qqq'")
+
+
+def test_config_file_errors_are_one_line():
+  assert cli.flag_error_line(RAISED, []) == "flag --config=c.py: Error whilst parsing config file: ValueError: bad"
+  assert cli.flag_error_line(RAISED, [], library_wording=True) == "flag --config=c.py: ValueError: bad"
+  missing = OSError("Configuration is not available because of an earlier failure to load: Failed loading config "
+                    "file config_config\n  Attempted [Relative path]:\n    configs/x.py\n      [Errno 2] No such file")
+  assert cli.flag_error_line(missing, []) == "cannot load the --config file: [Errno 2] No such file"
+  assert cli.flag_error_line(ValueError("flag --x=y: bad value"), []) == "flag --x=y: bad value"
+
+
+def test_fail_prints_one_line_and_exits(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.fail("two\n  lines", 2)
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: two lines\n"
+  assert cli._REPORTED[0]  # pylint: disable=protected-access
+
+
+def _record(pathname, level=logging.INFO, msg="m", exc=None):
+  return logging.LogRecord("x", level, pathname, 1, msg, None, (type(exc), exc, None) if exc else None)
+
+
+def test_quiet_libraries_filter():
+  keep = cli.QuietLibraries().filter
+  library = f"{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint.py"
+  ours = f"{os.sep}dgcl_jax{os.sep}train.py"
+  assert keep(_record(ours)) and keep(_record(library, logging.WARNING))
+  assert not keep(_record(library))                                                   # library INFO
+  assert not keep(_record(library, logging.WARNING, "Given directory is read only: /w"))  # asked for
+  assert not keep(_record(library, logging.ERROR, exc=ValueError("x")))                # reaches the entry point
+  assert not keep(_record(ours, logging.ERROR, exc=OSError(errno.ENOSPC, "full")))     # reported on its own
+  assert not keep(_record(ours, logging.ERROR, "Task exception: Event loop is closed"))
+  assert keep(_record(ours, logging.ERROR, exc=ValueError("x")))
+  cli._REPORTED[0] = True  # pylint: disable=protected-access
+  assert not keep(_record(ours, logging.ERROR, exc=ValueError("x")))                   # after the one line
+
+
+def test_drop_exceptions_wraps_the_hooks_once_per_name():
+  saved = sys.excepthook, threading.excepthook, sys.unraisablehook
+  seen = []
+  try:
+    sys.excepthook = lambda kind, value, tb: seen.append(("except", str(value)))
+    threading.excepthook = lambda args: seen.append(("thread", str(args.exc_value)))
+    sys.unraisablehook = lambda args: seen.append(("unraisable", str(args.exc_value)))
+    drop = lambda error, obj: str(error) == "noise" or obj == "leftover"  # pylint: disable=unnecessary-lambda-assignment
+    cli.drop_exceptions("test", drop)
+    hooks = sys.excepthook
+    cli.drop_exceptions("test", drop)
+    assert sys.excepthook is hooks
+    for value in (ValueError("noise"), ValueError("real")):
+      sys.excepthook(ValueError, value, None)
+      threading.excepthook(threading.ExceptHookArgs((ValueError, value, None, None)))
+      sys.unraisablehook(types.SimpleNamespace(exc_value=value, object=None))
+    sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("x"), object="leftover"))
+    assert seen == [("except", "real"), ("thread", "real"), ("unraisable", "real")]
+  finally:
+    sys.excepthook, threading.excepthook, sys.unraisablehook = saved

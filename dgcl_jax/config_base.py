@@ -7,6 +7,7 @@ a run may read is declared here, so a misspelled field is caught by `validate`.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 PASCAL_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -187,9 +188,43 @@ def _check_keys(cfg, ref, prefix=""):
       _check_keys(cfg[key], ref[key], name + ".")
 
 
+# Sequence fields: (element type, length or None for any non-empty length, elements positive).
+_SEQUENCES = {
+    "model.replace_stride_with_dilation": (bool, 3, False), "model.aspp_dilations": (int, 3, True),
+    "data.rescale_range": (float, 2, True), "data.mean": (float, 3, False), "data.std": (float, 3, True),
+    "dgcl.ks": (int, None, True), "dgcl.ignore_classes": (int, 0, False),
+}
+
+
+def _check_sequences(config) -> None:
+  """One line for a sequence field of the wrong kind (e.g. --config.model.aspp_dilations=abc)."""
+  for name, (kind, length, positive) in _SEQUENCES.items():
+    group, field = name.split(".")
+    value = config[group][field]
+    if kind is bool:
+      ok_item = lambda x: isinstance(x, (bool, np.bool_)) or (isinstance(x, int) and x in (0, 1))
+    elif kind is int:
+      ok_item = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    else:
+      ok_item = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    ok = isinstance(value, (tuple, list)) and all(ok_item(x) for x in value)
+    if ok and length is None:
+      ok = len(value) > 0
+    elif ok and length:
+      ok = len(value) == length
+    if ok and positive:
+      ok = all(x > 0 for x in value)
+    if not ok:
+      count = {None: "one or more", 0: "any number of"}.get(length, str(length))
+      raise ConfigError(f"config.{name}={value!r}: expected a tuple of {count} "
+                        f"{'positive ' if positive else ''}{kind.__name__} values, e.g. "
+                        f"{tuple(base_config()[group][field])}")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Raises ConfigError with one line naming the field if `config` cannot run."""
   _check_keys(config, base_config())
+  _check_sequences(config)
   if config.method not in _METHODS:
     raise ConfigError(f"config.method={config.method!r}: expected one of {_METHODS}")
   if config.data.name not in _DATASETS:

@@ -181,7 +181,6 @@ def load_model_variables(config, sharding, *, workdir: str | None = None, variab
   the config's default) picks the student there.
   Raises SetupError or checkpointing.CheckpointError with one line.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from dgcl_jax import checkpointing, convert  # pylint: disable=g-import-not-at-top
   if bool(workdir) == bool(variables_dir):
     raise SetupError("give exactly one of --workdir and --variables")

@@ -31,18 +31,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
 def _main_cmd(workdir, method, extra=()):
   return [sys.executable, "-m", "dgcl_jax.main", f"--config={_ROOT}/configs/synthetic.py:{method}",
           f"--workdir={workdir}", *TINY, *extra]

@@ -87,18 +87,6 @@ EXTRA = {"supervised": [], "self_training": [], "dgcl": ["--config.model.dtype=b
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-@pytest.fixture(scope="module")
 def runs(env, tmp_path_factory):
   """{method: workdir} of finished tiny synthetic runs."""
   root = tmp_path_factory.mktemp("runs")

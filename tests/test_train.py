@@ -3,21 +3,19 @@
 Runs on 4 forced CPU devices (tests/conftest.py) with the tiny synthetic config.
 """
 
-import functools
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import ml_collections
+from jax.sharding import Mesh
 import numpy as np
 import pytest
 
 from dgcl_jax import config_base
 from dgcl_jax import dgcl
 from dgcl_jax import train
-from dgcl_jax.data import pipeline
 
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,11 +79,17 @@ def test_shipped_configs_validate():
     (lambda c: c.loss.update({"unsup_weight": -1.0}), "config.loss.unsup_weight=-1.0"),
     (lambda c: c.model.update({"num_classes": 7}), "config.model.num_classes=7"),
     (lambda c: c.loss.update({"pseudo_labels": "oracle"}), "config.loss.pseudo_labels='oracle'"),
+    # What --config.model.aspp_dilations=abc gives: a tuple of one string.
+    (lambda c: c.model.update({"aspp_dilations": ("abc",)}), "config.model.aspp_dilations=('abc',): expected a tuple of 3"),
+    (lambda c: c.model.update({"aspp_dilations": (6, 12)}), "config.model.aspp_dilations=(6, 12)"),
+    (lambda c: c.dgcl.update({"ks": ()}), "config.dgcl.ks=(): expected a tuple of one or more positive int"),
+    (lambda c: c.dgcl.update({"ks": (8, -1)}), "config.dgcl.ks=(8, -1)"),
+    (lambda c: c.data.update({"mean": (1.0, 2.0)}), "config.data.mean=(1.0, 2.0)"),
 ])
 def test_validate_rejects_bad_values(mutate, message):
   config = load_config("synthetic")
   mutate(config)
-  with pytest.raises(config_base.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+  with pytest.raises(config_base.ConfigError, match=re.escape(message)):
     config_base.validate(config, num_devices=4)
 
 

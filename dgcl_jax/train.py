@@ -144,6 +144,11 @@ def _count_cache_hit(event: str, **kwargs):  # pylint: disable=unused-argument
     _CACHE_HITS[0] += 1
 
 
+def compilation_cache_hits() -> int:
+  """Persistent compilation cache hits in this process since `setup_compilation_cache`."""
+  return _CACHE_HITS[0]
+
+
 def setup_compilation_cache(config) -> str | None:
   """Turns on jax's persistent compilation cache (compilation_cache_dir), so that a resumed
   or repeated run loads its compiled steps instead of compiling them again. Returns the directory."""

@@ -241,6 +241,8 @@ def _run(args, dump_dir):
       print(line)
     return 0
 
+  # As the trainer: a repeated benchmark loads its compiled step from the persistent cache.
+  cache = train.setup_compilation_cache(config)
   state = train.create_train_state(config, jax.random.PRNGKey(0), load_pretrained=False)
   if args.full_bank and config.method == "dgcl":
     bank = state.memory_bank
@@ -262,13 +264,16 @@ def _run(args, dump_dir):
       "unlabeled_ignore": np.zeros((b, crop, crop), np.int32),
   }
   batch = jax.device_put(batch, fns.batch_sharding)
+  hits = train.compilation_cache_hits()
   t0 = time.perf_counter()
   state, metrics, _ = fns.train_step(state, batch, semi=args.semi)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
+  source = "loaded from the compilation cache" if train.compilation_cache_hits() > hits else "compiled"
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
   print(header)
-  print(f"first step (compile + run): {compile_s:.1f} s", flush=True)
+  print(f"compilation cache: {cache or 'off'}")
+  print(f"first step ({source} + run): {compile_s:.1f} s", flush=True)
   times = []
   for i in range(args.steps):
     t0 = time.perf_counter()

@@ -66,3 +66,19 @@ def test_compile_only_prints_memory_analysis_and_peak_buffers():
   assert "memory analysis: temp " in out and "argument " in out and "alias " in out
   listed = out.split("the 3 largest:")[1].split("live at the peak by producer:")[0].strip().splitlines()
   assert len(listed) == 3 and all(" MiB " in line for line in listed)
+
+
+@pytest.mark.slow
+def test_timed_step_reports_and_a_repeat_loads_from_the_compilation_cache(tmp_path):
+  sets = ["method=supervised", "batch_size=2", "num_slices=1", "data.crop_size=32", "model.base_width=8",
+          "model.decoder_channels=16", "model.low_level_channels=8", "model.rep_dim=16",
+          f"compilation_cache_dir={tmp_path / 'cache'}"]
+  cmd = [sys.executable, os.path.join(_ROOT, "scripts", "benchmark.py"), "step", "--config=configs/synthetic.py",
+         "--steps=1"] + [f"--set={s}" for s in sets]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  outs = [subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=300, check=True, env=env).stdout
+          for _ in range(2)]
+  assert "first step (compiled + run)" in outs[0]
+  assert "first step (loaded from the compilation cache + run)" in outs[1]
+  for out in outs:
+    assert "step: median " in out and " images/s" in out and "peak process memory (max RSS): " in out

@@ -50,11 +50,13 @@ def test_two_processes_match_one_process():
     assert two["devices"] == 4
     # Step 0 sees the same parameters: only the order of the cross-device sums differs (gloo
     # between processes, in-process otherwise), so the losses agree to float rounding. The
-    # updates then differ by more than rounding: a rounding-level change of a pre-activation
-    # flips a ReLU's (or a tie's) gradient, which moves whole gradient entries (measured:
-    # grad_norm 6e-5 apart at step 0 in this case, 4e-5 in `sup` by step 2; the same in
-    # self_training; none with dropout off). Later steps are compared at 1e-3: far below what a
-    # wrong row split, an unsynchronised bank or a per-process RNG would give.
+    # gradients can differ by more than rounding (measured in this case with CutMix's coin off:
+    # grad_norm 6e-5 apart at step 0, `sup` 4e-5 apart by step 2, also for self_training; the
+    # first parameters to differ are those below the decoder's first dropout; no difference
+    # with dropout off or with CutMix on): a data-dependent discontinuity, such as a ReLU or a
+    # tie at zero, turns a rounding-level difference into different gradient entries. Both runs
+    # are deterministic. Later steps are compared at 1e-3: far below what a wrong row split, an
+    # unsynchronised bank or a per-process RNG would give.
     for step, (a, b) in enumerate(zip(one["history"], two["history"])):
       rtol = 1e-5 if step == 0 else 1e-3
       for key in ("sup", "unsup", "contrastive", "total"):

@@ -268,19 +268,40 @@ class MemoryBank:
 
     keys = jax.random.split(rng, num_classes)
     idx, n_new, new_dens = lax.map(draw_class, (jnp.arange(num_classes), keys, self.fts, self.count))
-    # One pass over the bank: row c's first n_new[c] entries are the new ones, then the old ones
-    # shifted back by n_new[c]; an absent class's row is copied as it is.
-    take_new = pos[None, :] < n_new[:, None]                                    # [K, cap]
-    src_new = jnp.minimum(pos, num_new - 1)                                     # [cap]
-    src_old = jnp.maximum(pos[None, :] - n_new[:, None], 0)                     # [K, cap]
-    new_px = idx[:, src_new]                                                    # [K, cap]
-    old_fts = jnp.take_along_axis(self.fts, src_old[..., None], axis=1)
-    old_rep = jnp.take_along_axis(self.rep, src_old[..., None], axis=1)
-    return MemoryBank(
-        fts=jnp.where(take_new[..., None], fts[new_px], old_fts),
-        rep=jnp.where(take_new[..., None], rep[new_px], old_rep),
-        density=jnp.where(take_new, new_dens[:, src_new], jnp.take_along_axis(self.density, src_old, axis=1)),
-        count=jnp.minimum(self.count + n_new, cap).astype(jnp.int32))
+    # Row c's first n_new[c] entries are the new ones, then the old ones shifted back by n_new[c].
+    # One class at a time, written into the bank in place (no second copy of the bank's arrays).
+    count = jnp.minimum(self.count + n_new, cap).astype(jnp.int32)
+    fts_bank, rep_bank, dens_bank = _insert_front(
+        (self.fts, self.rep, self.density), (lambda c: fts[idx[c]], lambda c: rep[idx[c]], lambda c: new_dens[c]),
+        n_new)
+    return MemoryBank(fts=fts_bank, rep=rep_bank, density=dens_bank, count=count)
+
+
+def _insert_front(banks, new_rows, n_new):
+  """For each class c: banks[i][c] <- new_rows[i](c)[:n_new[c]] followed by banks[i][c][:cap - n_new[c]].
+
+  banks: arrays [K, cap, ...]; new_rows: functions c -> [num_new, ...]; n_new [K] int32 <= num_new.
+  A loop over classes that updates each row in place, so no array holds a second copy of a bank.
+  """
+  num_classes, cap = banks[0].shape[:2]
+
+  def shift_in(row, new, n):
+    num_new = new.shape[0]
+    # old entry pos - n at pos >= n: a window of [zeros(num_new); row] starting at num_new - n.
+    padded = jnp.concatenate([jnp.zeros((num_new,) + row.shape[1:], row.dtype), row])
+    shifted = lax.dynamic_slice_in_dim(padded, num_new - n, cap)
+    if num_new >= cap:
+      head = new[:cap]
+    else:
+      head = jnp.concatenate([new, jnp.zeros((cap - num_new,) + row.shape[1:], row.dtype)])
+    take_new = (jnp.arange(cap) < n).reshape((cap,) + (1,) * (row.ndim - 1))
+    return jnp.where(take_new, head.astype(row.dtype), shifted)
+
+  def body(c, arrays):
+    return tuple(lax.dynamic_update_index_in_dim(a, shift_in(a[c], f(c), n_new[c]), c, 0)
+                 for a, f in zip(arrays, new_rows))
+
+  return lax.fori_loop(0, num_classes, body, tuple(banks))
 
 
 def _class_qualifies(c, labels, ignore_classes, ignore_label):

@@ -137,13 +137,31 @@ class QuietLibraries(std_logging.Filter):
   def filter(self, record):
     library = any(p in record.pathname for p in self._PATHS)
     if record.exc_info and record.exc_info[1] is not None and (
-        library or _REPORTED[0] or _reported_once(record.exc_info[1])):
+        library or _REPORTED[0] or _reported_once(record.exc_info[1])
+        or (record.name == "asyncio" and self._raised_in_library(record.exc_info[1]))):
+      # asyncio: "Task exception was never retrieved" for orbax's sibling tasks of a failed read
+      # or write, whose first error the caller already handles (e.g. a damaged checkpoint set aside).
       return False
     if "Event loop is closed" in record.getMessage():
       return False
     if library:
       return record.levelno >= std_logging.WARNING and not str(record.msg).startswith(self._EXPECTED)
     return True
+
+
+  @classmethod
+  def _raised_in_library(cls, error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) has a frame in jax, orbax, grain or absl."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+      seen.add(id(error))
+      tb = error.__traceback__
+      while tb is not None:
+        if any(p in tb.tb_frame.f_code.co_filename for p in cls._PATHS):
+          return True
+        tb = tb.tb_next
+      error = error.__cause__ or error.__context__
+    return False
 
 
 def quiet_libraries() -> None:

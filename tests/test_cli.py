@@ -77,6 +77,39 @@ def test_quiet_libraries_filter():
   assert not keep(_record(ours, logging.ERROR, exc=ValueError("x")))                   # after the one line
 
 
+def _raised_in(filename):
+  """An exception raised in code whose file is `filename`, chained from nothing, and one raised from it."""
+  namespace = {}
+  exec(compile("def read():\n  raise ValueError('OUT_OF_RANGE: byte range not valid')\n", filename, "exec"), namespace)
+  try:
+    namespace["read"]()
+  except ValueError as inner:
+    try:
+      raise RuntimeError("Encountered error while reading array index") from inner
+    except RuntimeError as outer:
+      return inner, outer
+
+
+def test_asyncio_never_retrieved_library_errors_are_dropped(monkeypatch):
+  """Orbax's sibling read tasks of a damaged checkpoint end in asyncio's 'Task exception was never
+  retrieved' records; the restore reports the damage itself."""
+  monkeypatch.setattr(cli, "_REPORTED", [False])
+  keep = cli.QuietLibraries().filter
+  base_events = f"{os.sep}usr{os.sep}lib{os.sep}asyncio{os.sep}base_events.py"
+  library = f"{os.sep}venv{os.sep}site-packages{os.sep}orbax{os.sep}serialization.py"
+
+  def record(exc, name="asyncio"):
+    rec = logging.LogRecord(name, logging.ERROR, base_events, 1, "Task exception was never retrieved", None,
+                            (type(exc), exc, exc.__traceback__))
+    return rec
+
+  inner, outer = _raised_in(library)
+  assert not keep(record(inner)) and not keep(record(outer))     # raised in orbax, or raised from it
+  ours_inner, ours_outer = _raised_in(f"{os.sep}dgcl_jax{os.sep}train.py")
+  assert keep(record(ours_outer))                                # ours: kept
+  assert keep(record(outer, name="dgcl"))                        # not asyncio's: the other rules apply
+
+
 def test_drop_exceptions_wraps_the_hooks_once_per_name():
   saved = sys.excepthook, threading.excepthook, sys.unraisablehook
   seen = []

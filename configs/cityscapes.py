@@ -45,7 +45,6 @@ def get_config(arg: str = "372"):
   d.labeled_list = os.path.join(_SPLIT_ROOT, family, split, "labeled.txt")
   d.unlabeled_list = os.path.join(_SPLIT_ROOT, family, split, "unlabeled.txt")
   d.val_list = os.path.join(_SPLIT_ROOT, family, "val.txt")
-  d.num_classes = 19
   d.crop_size = 769
   d.val_crop_size = 800
   d.class_names = config_base.CITYSCAPES_CLASSES

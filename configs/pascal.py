@@ -41,7 +41,6 @@ def get_config(arg: str = "732"):
   d.labeled_list = os.path.join(_SPLIT_DIR, split, "labeled.txt")
   d.unlabeled_list = os.path.join(_SPLIT_DIR, split, "unlabeled.txt")
   d.val_list = os.path.join(_SPLIT_DIR, "val.txt")
-  d.num_classes = 21
   d.crop_size = 513
   d.val_crop_size = 513
   d.class_names = config_base.PASCAL_CLASSES

@@ -32,7 +32,6 @@ def get_config(arg: str = "dgcl"):
 
   d = config.data
   d.name = "synthetic"
-  d.num_classes = 5
   d.crop_size = 64
   d.val_crop_size = 64
   d.rescale_range = (0.5, 2.0)

@@ -25,7 +25,6 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from dgcl_jax import cli
 
 ITEMS = ("state", "meta", "data")
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -41,22 +40,6 @@ class DamagedCheckpointError(CheckpointError):
 
 class ConfigMismatchError(CheckpointError):
   """The checkpoint's arrays do not have the shapes the config gives (another network or bank)."""
-
-
-def _orbax_leftover(error, unraisable_object) -> bool:
-  """Whether an error printed as uncaught or unraisable is an echo of a failed restore ("RuntimeError:
-  Event loop is closed", an orbax coroutine never awaited): those are dropped.
-
-  Orbax runs each restore in a fresh event loop and closes it as soon as one read fails;
-  TensorStore then delivers the other reads' completions to that closed loop, and the other
-  reads' coroutines are dropped with their errors: each is printed as unraisable, dozens of
-  tracebacks after the one error the caller handles.
-  """
-  code = getattr(unraisable_object, "cr_code", None)  # orbax's sibling reads, never awaited
-  return cli.is_closed_loop_error(error) or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
-
-
-cli.drop_exceptions("orbax_closed_loop", _orbax_leftover)
 
 
 def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:

@@ -1,19 +1,20 @@
 """What the entry points (dgcl_jax/main.py, scripts/evaluate.py, scripts/predict.py) share: a failure
 is one line `error: ...` on stderr; library logs and the libraries' shutdown noise stay out of it.
 
-Imports only the standard library at module level: dgcl_jax/checkpointing.py installs its hooks
-through it, and the scripts cannot import dgcl_jax/main.py (its absl flags would clash with theirs).
+Imports only the standard library (and dgcl_jax/errors.py) at module level, so the entry points
+import it before jax; the scripts cannot import dgcl_jax/main.py (its absl flags would clash with theirs).
 """
 
 from __future__ import annotations
 
-import errno
 import logging as std_logging
 import os
 import re
 import sys
 import threading
 from typing import Callable
+
+from dgcl_jax import errors
 
 _REPORTED = [False]  # set once a failure's one line is out: what follows is shutdown noise
 
@@ -104,12 +105,6 @@ def parse_flags(argv, *, library_wording: bool = False, check: Callable[[], None
 # ----------------------------------------------------------------------------- library noise
 
 
-# What a failed write says (OSError numbers, TensorStore's texts); checked here without importing
-# dgcl_jax.train, because asyncio logs its unretrieved tasks while the interpreter shuts down.
-_ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO})
-_ENV_TEXTS = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded", "Read-only file system")
-
-
 def is_closed_loop_error(error) -> bool:
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
@@ -117,12 +112,7 @@ def is_closed_loop_error(error) -> bool:
 def _reported_once(error: BaseException) -> bool:
   """Whether the entry point reports `error` in its own line: a failed checkpoint write, which
   orbax's unretrieved asyncio tasks log again by the dozen at exit."""
-  if is_closed_loop_error(error):
-    return True
-  if isinstance(error, OSError) and error.errno in _ENV_ERRNOS:
-    return True
-  text = str(error)
-  return any(marker in text for marker in _ENV_TEXTS)
+  return is_closed_loop_error(error) or errors.environment_cause(error) is not None
 
 
 class QuietLibraries(std_logging.Filter):
@@ -202,3 +192,34 @@ def quiet_after_failures() -> None:
   hundreds of them), tensorboardX's exit hook and writer thread fail again. The failure itself
   is reported once (fail), so the hooks drop what follows it."""
   drop_exceptions("after_failures", lambda error, _: _REPORTED[0] or _reported_once(error))
+
+
+def exit_with_status(status: int):
+  """sys.exit(status); a failure exits at once (os._exit, streams flushed): interpreter shutdown
+  after a failed restore makes TensorStore hand its cancelled reads to orbax's closed event loop,
+  dozens of "Event loop is closed" tracebacks after the one line that matters."""
+  if status:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
+def _orbax_leftover(error, unraisable_object) -> bool:
+  """Whether an error printed as uncaught or unraisable is an echo of a failed restore ("RuntimeError:
+  Event loop is closed", an orbax coroutine never awaited): those are dropped.
+
+  Orbax runs each restore in a fresh event loop and closes it as soon as one read fails;
+  TensorStore then delivers the other reads' completions to that closed loop, and the other
+  reads' coroutines are dropped with their errors: each is printed as unraisable, dozens of
+  tracebacks after the one error the caller handles.
+  """
+  code = getattr(unraisable_object, "cr_code", None)  # orbax's sibling reads, never awaited
+  return is_closed_loop_error(error) or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
+
+
+def quiet_orbax_leftovers() -> None:
+  """Installs the hooks that drop `_orbax_leftover` echoes (process-wide: entry points only)."""
+  drop_exceptions("orbax_closed_loop", _orbax_leftover)

@@ -73,7 +73,6 @@ def base_config() -> ml_collections.ConfigDict:
   d.labeled_list = ""
   d.unlabeled_list = ""
   d.val_list = ""
-  d.num_classes = 21
   d.ignore_label = 255
   d.crop_size = 513
   d.val_crop_size = 513
@@ -221,7 +220,17 @@ def _check_sequences(config) -> None:
                         f"{tuple(base_config()[group][field])}")
 
 
-def validate(config, num_devices: int | None = None) -> None:
+def check_batch_split(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
+  """ConfigError (one line) unless config.batch_size splits evenly into config.num_slices slices,
+  over `num_devices` devices and `num_processes` processes."""
+  b = config.batch_size
+  for count, what in ((config.num_slices, f"config.num_slices={config.num_slices}"),
+                      (num_devices, f"the {num_devices} devices"), (num_processes, f"the {num_processes} processes")):
+    if count and b % count:
+      raise ConfigError(f"config.batch_size={b} is not divisible by {what}")
+
+
+def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
   """Raises ConfigError with one line naming the field if `config` cannot run."""
   _check_keys(config, base_config())
   _check_sequences(config)
@@ -233,7 +242,7 @@ def validate(config, num_devices: int | None = None) -> None:
       "batch_size": config.batch_size, "num_slices": config.num_slices, "num_epochs": config.num_epochs,
       "checkpoint_every_steps": config.checkpoint_every_steps, "log_every_steps": config.log_every_steps,
       "data.crop_size": config.data.crop_size, "data.val_crop_size": config.data.val_crop_size,
-      "data.num_classes": config.data.num_classes, "model.num_classes": config.model.num_classes,
+      "model.num_classes": config.model.num_classes,
       "optim.base_lr": config.optim.base_lr, "dgcl.bank_capacity": config.dgcl.bank_capacity,
       "dgcl.temperature": config.dgcl.temperature,
   }
@@ -257,13 +266,7 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError(f"config.loss.cutmix_prob={config.loss.cutmix_prob}: must lie in [0, 1]")
   if config.sup_only_epochs > config.num_epochs:
     raise ConfigError(f"config.sup_only_epochs={config.sup_only_epochs} exceeds config.num_epochs={config.num_epochs}")
-  if config.model.num_classes != config.data.num_classes:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes} differs from "
-                      f"config.data.num_classes={config.data.num_classes}")
-  if config.batch_size % config.num_slices:
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by config.num_slices={config.num_slices}")
-  if num_devices is not None and config.batch_size % num_devices:
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices")
+  check_batch_split(config, num_devices, num_processes)
   if config.model.depth not in (14, 50, 101):
     raise ConfigError(f"config.model.depth={config.model.depth}: expected 14, 50 or 101")
   if config.evaluation.mode not in ("center", "sliding"):

@@ -11,13 +11,13 @@ anchors and targets, and one gather of the anchors after it carries the gradient
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 _NORM_EPS = 1e-12   # torch.nn.functional.normalize
@@ -196,19 +196,9 @@ class MemoryBank:
   def capacity(self) -> int:
     return self.fts.shape[1]
 
-  def counts(self) -> jax.Array:
-    """[K] int32 entries held per class."""
-    return self.count
-
   def is_full(self) -> jax.Array:
     """Scalar bool: every class (class 0 included) holds `capacity` entries."""
     return jnp.all(self.count >= self.capacity)
-
-  def class_entries(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host helper: (fts [n, Cf], rep [n, Cr], density [n]) of class c's valid entries, newest first."""
-    n = int(np.asarray(self.count)[c])
-    # Slice on the host: device slices of varying n would each compile.
-    return (np.asarray(self.fts)[c, :n], np.asarray(self.rep)[c, :n], np.asarray(self.density)[c, :n])
 
   def update(self, fts: jax.Array, rep: jax.Array, labels: jax.Array, rng: jax.Array, *,
              max_new_per_class: int = 1000, density_min_entries: int = 1000,
@@ -304,46 +294,88 @@ def _insert_front(banks, new_rows, n_new):
   return lax.fori_loop(0, num_classes, body, tuple(banks))
 
 
-def _class_qualifies(c, labels, ignore_classes, ignore_label):
-  present = jnp.any(labels == c)
-  ok = c != ignore_label
-  for ic in ignore_classes:
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """The density-guided loss's settings (REFERENCE.md section 4; config.dgcl and data.ignore_label).
+
+  max_pixels: a class's pixels kept per slice (its densities are computed); buckets: the sizes
+  its subset is drawn at; row_block: density rows per loop iteration (None: default_row_block());
+  topk_chunk: top-k as passes of this size (None: one top_k).
+  """
+  temperature: float = 0.5
+  ks: tuple[int, ...] = (8, 16, 32)
+  num_anchors: int = 200
+  num_positives: int = 50
+  max_pixels: int = 10000
+  num_negatives: int = 512
+  ignore_classes: tuple[int, ...] = (0,)
+  ignore_label: int = 255
+  topk_chunk: int | None = None
+  buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  row_block: int | None = None
+
+  @classmethod
+  def from_config(cls, config) -> "LossSettings":
+    g = config.dgcl
+    return cls(temperature=float(g.temperature), ks=tuple(int(k) for k in g.ks), num_anchors=int(g.num_anchors),
+               num_positives=int(g.num_positives), max_pixels=int(g.max_pixels),
+               num_negatives=int(g.num_negatives), ignore_classes=tuple(int(c) for c in g.ignore_classes),
+               ignore_label=int(config.data.ignore_label))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static shapes of one loss call: settings plus the sizes that follow from the pixel count."""
+  settings: LossSettings
+  sizes: tuple[int, ...]      # subset draw sizes, the last the cap n_keep
+  row_block: int
+  num_pix: int                # pixels per slice
+  with_density: bool
+
+  @property
+  def num_anchors(self) -> int:
+    return min(self.settings.num_anchors, self.sizes[-1])
+
+  @property
+  def num_targets(self) -> int:
+    return 1 + min(self.settings.num_negatives, self.num_pix)
+
+
+def _class_qualifies(c, labels, settings: LossSettings):
+  ok = jnp.any(labels == c) & (c != settings.ignore_label)
+  for ic in settings.ignore_classes:
     ok = ok & (c != ic)
-  return present & ok
+  return ok
 
 
-def _class_targets(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, branch, rows, *, sizes,
-                   row_block, ks, num_anchors, num_positives, num_negatives, ignore_label,
-                   topk_chunk, with_density):
+def _class_targets(c, key, class_bank, rep, fts, labels, branch, rows, plan: _Plan):
   """What the loss of class c on one slice needs, without gradient (all inputs stop-gradient).
 
-  rep [P, Cr] f32, fts [P, Cf], labels [P] flattened. The subset of at most n_keep = sizes[-1]
-  pixels is drawn at size sizes[branch] (>= the class's min(n, n_keep)); densities are computed
-  for its first `rows` entries (>= min(n, n_keep) when n > 32, may be 0 otherwise); both are
-  traced and may be shared by the slices of a vmap. Returns anchor pixel indices [A] int32,
-  their validity [A] bool, the normalized targets (prototype, then negatives) [1 + N, Cr] and
-  their validity [1 + N] bool; `with_density` adds the pixels whose density was computed
-  [n_keep] int32 (P where none) and their densities [n_keep].
+  class_bank: the class's (fts [cap, Cf], rep [cap, Cr], density [cap], count []); rep [P, Cr]
+  f32, fts [P, Cf], labels [P] flattened. The subset of at most n_keep = plan.sizes[-1] pixels
+  is drawn at size sizes[branch] (>= the class's min(n, n_keep)); densities are computed for its
+  first `rows` entries (>= min(n, n_keep) when n > 32, may be 0 otherwise); both are traced and
+  may be shared by the slices of a vmap. Returns anchor pixel indices [A] int32, their validity
+  [A] bool, the normalized targets (prototype, then negatives) [1 + N, Cr] and their validity
+  [1 + N] bool; `plan.with_density` adds the pixels whose density was computed [n_keep] int32
+  (P where none) and their densities [n_keep].
   """
-  num_pix = labels.shape[0]
-  cap = b_fts.shape[0]
-  n_keep = sizes[-1]
-  n_anc = min(num_anchors, n_keep)
-  n_pos = min(num_positives, n_keep)
-  n_bpos = min(num_positives, cap)
-  n_neg = min(num_negatives, num_pix)
+  st = plan.settings
+  b_fts, b_rep, b_dens, b_count = class_bank
+  num_pix, cap = labels.shape[0], b_fts.shape[0]
+  n_pos, n_bpos = min(st.num_positives, plan.sizes[-1]), min(st.num_positives, cap)
   k_keep, k_neg = jax.random.split(key)
 
   mask = labels == c
   n = jnp.sum(mask.astype(jnp.int32))
-  kept, kept_valid = _draw(mask, k_keep, branch, sizes)
+  kept, kept_valid = _draw(mask, k_keep, branch, plan.sizes)
   bank_valid = jnp.arange(cap) < b_count
-  dens = _rows_density(fts, kept, rows, b_fts, ks, bank_valid, topk_chunk, row_block, 1.0)
+  dens = _rows_density(fts, kept, rows, b_fts, st.ks, bank_valid, st.topk_chunk, plan.row_block, 1.0)
   dens = jnp.where(n > 32, dens, 1.0)
 
   # Anchors: lowest density (n is counted before the max_pixels cap, as the reference).
-  _, a_sel = lax.top_k(jnp.where(kept_valid, -dens, -jnp.inf), n_anc)
-  a_valid = jnp.arange(n_anc) < jnp.minimum(n, n_anc)
+  _, a_sel = lax.top_k(jnp.where(kept_valid, -dens, -jnp.inf), plan.num_anchors)
+  a_valid = jnp.arange(plan.num_anchors) < jnp.minimum(n, plan.num_anchors)
 
   # Prototype: one mean over the highest-density pixels and the bank's highest-density entries.
   _, p_sel = lax.top_k(jnp.where(kept_valid, dens, -jnp.inf), n_pos)
@@ -356,28 +388,22 @@ def _class_targets(c, key, b_fts, b_rep, b_dens, b_count, rep, fts, labels, bran
   proto = pos_sum / jnp.maximum(pos_cnt, 1).astype(jnp.float32)
 
   # Negatives: any labeled pixel of another class (class 0 included), not only the kept ones.
-  neg_idx, neg_valid = _random_subset((labels != c) & (labels != ignore_label), k_neg, n_neg)
+  neg_idx, neg_valid = _random_subset((labels != c) & (labels != st.ignore_label), k_neg, plan.num_targets - 1)
   targets = _normalize(jnp.concatenate([proto[None], rep[neg_idx]], axis=0))
   t_valid = jnp.concatenate([jnp.ones((1,), bool), neg_valid])
   out = (kept[a_sel], a_valid, targets, t_valid)
-  if with_density:
+  if plan.with_density:
     out += (jnp.where(kept_valid & (n > 32), kept, num_pix), dens)
   return out
 
 
-def _no_targets(num_anchors, num_targets, rep_dim, num_pix, n_keep, with_density):
+def _no_targets(plan: _Plan, rep_dim: int):
   """`_class_targets`'s output for a class without a loss: no valid anchor."""
-  out = (jnp.zeros((num_anchors,), jnp.int32), jnp.zeros((num_anchors,), bool),
-         jnp.zeros((num_targets, rep_dim), jnp.float32), jnp.arange(num_targets) < 1)
-  if with_density:
-    out += (jnp.full((n_keep,), num_pix, jnp.int32), jnp.zeros((n_keep,), jnp.float32))
+  out = (jnp.zeros((plan.num_anchors,), jnp.int32), jnp.zeros((plan.num_anchors,), bool),
+         jnp.zeros((plan.num_targets, rep_dim), jnp.float32), jnp.arange(plan.num_targets) < 1)
+  if plan.with_density:
+    out += (jnp.full((plan.sizes[-1],), plan.num_pix, jnp.int32), jnp.zeros((plan.sizes[-1],), jnp.float32))
   return out
-
-
-def _target_shapes(num_pix, rep_dim, *, sizes, num_anchors, num_negatives, with_density, **_):
-  """`_no_targets`'s arguments."""
-  return (min(num_anchors, sizes[-1]), 1 + min(num_negatives, num_pix), rep_dim, num_pix, sizes[-1],
-          with_density)
 
 
 def _density_map(num_pix, idx, dens):
@@ -409,109 +435,74 @@ def _prepare(rep, fts, labels):
   return rep, fts, labels.reshape(-1).astype(jnp.int32)
 
 
-def dgcl_loss(rep: jax.Array, fts: jax.Array, labels: jax.Array, bank: MemoryBank, rng: jax.Array, *,
-              temperature: float = 0.5, ks: Sequence[int] = (8, 16, 32), num_anchors: int = 200,
-              num_positives: int = 50, max_pixels: int = 10000, num_negatives: int = 512,
-              ignore_classes: Sequence[int] = (0,), ignore_label: int = 255,
-              topk_chunk: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-              row_block: int | None = None, return_density: bool = False):
+def _settings(settings: LossSettings | None, overrides) -> LossSettings:
+  """`settings` (default LossSettings()) with keyword overrides; TypeError naming an unknown one."""
+  settings = LossSettings() if settings is None else settings
+  if overrides:
+    overrides = {k: tuple(v) if k in ("ks", "ignore_classes", "buckets") else v for k, v in overrides.items()}
+    settings = dataclasses.replace(settings, **overrides)
+  return settings
+
+
+def dgcl_loss(rep: jax.Array, fts: jax.Array, labels: jax.Array, bank: MemoryBank, rng: jax.Array,
+              settings: LossSettings | None = None, *, return_density: bool = False, **overrides):
   """Density-guided contrastive loss of one slice -> scalar float32 (REFERENCE.md section 4).
 
   rep [B, H, W, Cr] (gradient flows through the anchors only), fts [B, H, W, Cf] (no gradient),
-  labels [B, H, W] (255 ignored). Mean over qualifying classes; 0 when none. A class with n
-  pixels computes min(n, max_pixels) densities (in blocks of `row_block` rows), none if n <= 32;
-  `buckets`: the sizes its subset is drawn at. Vmappable over a leading slice axis with `bank`
-  broadcast (then absent classes are masked, not skipped, and the density loop runs for the
-  largest slice; see `dgcl_loss_slices`).
+  labels [B, H, W] (settings.ignore_label ignored). Mean over qualifying classes; 0 when none.
+  A class with n pixels computes min(n, max_pixels) densities (in blocks of `row_block` rows),
+  none if n <= 32. `settings` (LossSettings) with keyword `overrides` of its fields. The
+  one-slice case of `dgcl_loss_slices`; vmappable over a leading slice axis with `bank` broadcast.
 
   With `return_density`: (loss, density [B, H, W] f32), the density of each pixel against its
   class's bank entries where the loss computed it, NaN elsewhere (no gradient). Passed to
   `MemoryBank.update(density=...)` with the same bank and ks, it spares the update that work.
   """
-  labels_shape = jnp.shape(labels)
-  rep, fts, labels = _prepare(rep, fts, labels)
-  ignore_classes = tuple(ignore_classes)
-  sizes = _bucket_sizes(buckets, min(int(max_pixels), labels.shape[0]))
-  kw = dict(sizes=sizes, row_block=default_row_block() if row_block is None else int(row_block),
-            ks=tuple(ks), num_anchors=num_anchors, num_positives=num_positives,
-            num_negatives=num_negatives, ignore_label=ignore_label, topk_chunk=topk_chunk,
-            with_density=bool(return_density))
-  num_pix = labels.shape[0]
-  shapes = _target_shapes(num_pix, rep.shape[-1], **kw)
-  # The class loop has no gradient: it picks the anchors, the loss gathers them once after it.
-  rep_ng = lax.stop_gradient(rep)
-
-  def one_class(xs):
-    c, key, b_fts, b_rep, b_dens, b_count = xs
-    q = _class_qualifies(c, labels, ignore_classes, ignore_label)
-    m = jnp.minimum(jnp.sum((labels == c).astype(jnp.int32)), sizes[-1])
-    return lax.cond(
-        q, lambda: _class_targets(c, key, b_fts, b_rep, b_dens, b_count, rep_ng, fts, labels,
-                                  _bucket_index(m, sizes), jnp.where(m > 32, m, 0), **kw),
-        lambda: _no_targets(*shapes))
-
-  keys = jax.random.split(rng, bank.num_classes)
-  picked = lax.map(one_class, (jnp.arange(bank.num_classes), keys, bank.fts, bank.rep,
-                               bank.density, bank.count))
-  loss = _anchor_loss(rep, *picked[:4], temperature)
-  if not return_density:
-    return loss
-  return loss, _density_map(num_pix, *picked[4:]).reshape(labels_shape)
+  out = dgcl_loss_slices(jnp.asarray(rep)[None], jnp.asarray(fts)[None], jnp.asarray(labels)[None], bank,
+                         jnp.asarray(rng)[None],
+                         _settings(settings, overrides), return_density=return_density)
+  return jax.tree.map(lambda x: x[0], out)
 
 
 def dgcl_loss_slices(rep: jax.Array, fts: jax.Array, labels: jax.Array, bank: MemoryBank, rngs: jax.Array,
-                     **kwargs):
+                     settings: LossSettings | None = None, *, return_density: bool = False, **overrides):
   """Per-slice losses [S] of rep [S, B, H, W, Cr], fts, labels [S, B, H, W], rngs [S] keys.
 
-  Equal to `jax.vmap(dgcl_loss, (0, 0, 0, None, 0))`, but with the class loop outside the slice
+  Equal to `jax.vmap(dgcl_loss, (0, 0, 0, None, 0))`, with the class loop outside the slice
   vmap: a class absent from every slice costs nothing, and a class's draw size and density rows
   follow its largest count over the slices (one `lax.switch` and one loop per class, not a
   select over every branch). `return_density`: (losses, density [S, B, H, W]) as `dgcl_loss`.
   """
-  ignore_classes = tuple(kwargs.pop("ignore_classes", (0,)))
-  kw = dict(temperature=0.5, ks=(8, 16, 32), num_anchors=200, num_positives=50, max_pixels=10000,
-            num_negatives=512, ignore_label=255, topk_chunk=None, buckets=DEFAULT_BUCKETS,
-            row_block=None, return_density=False)
-  unknown = set(kwargs) - set(kw)
-  if unknown:
-    raise TypeError(f"dgcl_loss_slices: unknown arguments {sorted(unknown)}")
-  kw.update(kwargs)
+  st = _settings(settings, overrides)
   labels_shape = jnp.shape(labels)
   rep, fts, labels = jax.vmap(_prepare)(rep, fts, labels)
-  num_slices = rep.shape[0]
-  sizes = _bucket_sizes(kw.pop("buckets"), min(int(kw.pop("max_pixels")), labels.shape[1]))
-  row_block = kw.pop("row_block")
-  temperature = kw.pop("temperature")
-  return_density = bool(kw.pop("return_density"))
-  kw.update(sizes=sizes, ks=tuple(kw["ks"]), with_density=return_density,
-            row_block=default_row_block() if row_block is None else int(row_block))
-  ignore_label = kw["ignore_label"]
-  num_pix = labels.shape[1]
-  shapes = _target_shapes(num_pix, rep.shape[-1], **kw)
+  num_slices, num_pix = labels.shape
+  sizes = _bucket_sizes(st.buckets, min(int(st.max_pixels), num_pix))
+  plan = _Plan(st, sizes, default_row_block() if st.row_block is None else int(st.row_block), num_pix,
+               bool(return_density))
+  # The class loop has no gradient: it picks the anchors, the loss gathers them once after it.
   rep_ng = lax.stop_gradient(rep)
-  keys = jax.vmap(lambda k: jax.random.split(k, bank.num_classes))(rngs)   # [S, K]
-  keys = jnp.swapaxes(keys, 0, 1)
+  keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, bank.num_classes))(rngs), 0, 1)   # [K, S]
+  none = _no_targets(plan, rep.shape[-1])
 
   def one_class(xs):
-    c, key, b_fts, b_rep, b_dens, b_count = xs
-    q = jax.vmap(lambda l: _class_qualifies(c, l, ignore_classes, ignore_label))(labels)
+    c, key, class_bank = xs[0], xs[1], xs[2:]
+    q = jax.vmap(lambda l: _class_qualifies(c, l, st))(labels)
     m = jnp.where(q, jnp.minimum(jnp.sum((labels == c).astype(jnp.int32), axis=1), sizes[-1]), 0)
     branch = _bucket_index(jnp.max(m), sizes)
     rows = jnp.max(jnp.where(m > 32, m, 0))
 
     def one_slice(q_s, k, r, f, l):
-      got = _class_targets(c, k, b_fts, b_rep, b_dens, b_count, r, f, l, branch, rows, **kw)
-      none = _no_targets(*shapes)
+      got = _class_targets(c, k, class_bank, r, f, l, branch, rows, plan)
       return jax.tree.map(lambda a, b: jnp.where(q_s, a, b), got, none)
 
-    none = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_slices,) + a.shape), _no_targets(*shapes))
-    return lax.cond(jnp.any(q), lambda: jax.vmap(one_slice)(q, key, rep_ng, fts, labels),
-                    lambda: none)
+    all_none = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_slices,) + a.shape), none)
+    return lax.cond(jnp.any(q), lambda: jax.vmap(one_slice)(q, key, rep_ng, fts, labels), lambda: all_none)
 
   picked = lax.map(one_class, (jnp.arange(bank.num_classes), keys, bank.fts, bank.rep,
                                bank.density, bank.count))              # each [K, S, ...]
   picked = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), picked)
-  losses = jax.vmap(lambda r, *p: _anchor_loss(r, *p, temperature))(rep, *picked[:4])
+  losses = jax.vmap(lambda r, *p: _anchor_loss(r, *p, st.temperature))(rep, *picked[:4])
   if not return_density:
     return losses
   return losses, jax.vmap(functools.partial(_density_map, num_pix))(*picked[4:]).reshape(labels_shape)

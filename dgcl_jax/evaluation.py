@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -20,11 +21,24 @@ def confusion_matrix(predictions, labels, num_classes: int, ignore_label: int = 
   return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
 
 
-def confusion_from_model(module, variables, images, labels, num_classes: int):
-  """Eval-mode forward of [B, H, W, 3], logits resized to the labels' [B, H, W], confusion matrix."""
+def predictions_and_confusion(module, variables, images, labels, num_classes: int, ignore_label: int = 255):
+  """(argmax predictions [B, H, W] int32, confusion [K, K]) of an eval-mode forward of images
+  [B, H, W, 3], logits resized to the labels' [B, H, W]."""
   out = module.apply(variables, images, train=False)
   logits = ops.resize_bilinear_align_corners(out["pred"].astype(jnp.float32), labels.shape[1:3])
-  return confusion_matrix(jnp.argmax(logits, axis=-1), labels, num_classes)
+  predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return predictions, confusion_matrix(predictions, labels, num_classes, ignore_label)
+
+
+def confusion_from_model(module, variables, images, labels, num_classes: int, ignore_label: int = 255):
+  """Confusion matrix [K, K] of `predictions_and_confusion`."""
+  return predictions_and_confusion(module, variables, images, labels, num_classes, ignore_label)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(module, variables, images):
+  """Eval-mode float32 logits; jitted once per network (modules compare by their config)."""
+  return module.apply(variables, images, train=False)["pred"].astype(jnp.float32)
 
 
 def miou_from_confusion(confusion: np.ndarray) -> tuple[float, np.ndarray]:
@@ -43,10 +57,10 @@ class Predictor:
     self.variables = variables
     self.num_classes = num_classes
     self.crop_size = int(crop_size)
-    self._forward = jax.jit(lambda v, x: module.apply(v, x, train=False)["pred"].astype(jnp.float32))
+    self.module = module
 
   def _logits(self, image, out_hw):
-    pred = self._forward(self.variables, jnp.asarray(image))
+    pred = _forward(self.module, self.variables, jnp.asarray(image))
     return ops.resize_bilinear_align_corners(pred, out_hw)
 
   def sliding_window(self, image: np.ndarray) -> jax.Array:

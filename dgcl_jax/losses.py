@@ -91,9 +91,9 @@ def entropy(probs, axis=-1):
   return -jnp.sum(probs * jnp.log(probs + 1e-10), axis=axis)
 
 
-def filter_by_entropy(probs, valid, percent, method="sort", num_bins=4096):
+def filter_by_entropy(probs, valid, percent, method="sort", num_bins=4096, ignore_label=IGNORE):
   """Argmax labels [B, H, W] int32 of probs [B, H, W, C]; valid pixels whose entropy is
-  >= the (1 - percent/100) quantile over valid pixels become 255.
+  >= the (1 - percent/100) quantile over valid pixels become ignore_label.
 
   As the reference, only valid pixels are filtered (its mask is `ge(thresh) * valid`);
   invalid pixels keep their argmax and are ignored by the caller's ignore mask.
@@ -102,7 +102,7 @@ def filter_by_entropy(probs, valid, percent, method="sort", num_bins=4096):
   thresh = _quantile(ent, valid, _percent_position(percent), method, num_bins,
                      math.log(probs.shape[-1]))
   labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-  return jnp.where((ent >= thresh) & valid, IGNORE, labels)
+  return jnp.where((ent >= thresh) & valid, ignore_label, labels)
 
 
 def resize_logits(logits, out_hw):
@@ -110,19 +110,19 @@ def resize_logits(logits, out_hw):
   return ops.resize_bilinear_align_corners(logits.astype(jnp.float32), out_hw)
 
 
-def pseudo_labels(teacher_logits, ignore_mask, percent, method="sort", num_bins=4096):
+def pseudo_labels(teacher_logits, ignore_mask, percent, method="sort", num_bins=4096, ignore_label=IGNORE):
   """Pseudo labels [B, H, W] int32 at crop size (REFERENCE s.3 step 2).
 
   teacher_logits: [B, h, w, C] stride-4 logits of the unlabeled images; ignore_mask:
-  [B, H, W] (255 = padding); percent: r, the share of valid pixels dropped.
+  [B, H, W] (ignore_label = padding); percent: r, the share of valid pixels dropped.
   """
   h, w = ignore_mask.shape[1:3]
   probs = jax.nn.softmax(resize_logits(teacher_logits, (h, w)), axis=-1)
-  return filter_by_entropy(probs, ignore_mask != IGNORE, percent, method, num_bins)
+  return filter_by_entropy(probs, ignore_mask != ignore_label, percent, method, num_bins, ignore_label)
 
 
 def contrastive_labels(labeled_labels, teacher_logits, ignore_mask, percent, method="sort",
-                       num_bins=4096):
+                       num_bins=4096, ignore_label=IGNORE):
   """Labels [2B, h, w] int32 at feature size for [labeled; unlabeled] (s.3 step 7).
 
   labeled_labels, ignore_mask: [B, H, W] at crop size (ignore_mask of the UNMIXED
@@ -132,10 +132,10 @@ def contrastive_labels(labeled_labels, teacher_logits, ignore_mask, percent, met
   lab = ops.resize_nearest_legacy(labeled_labels, (h, w)).astype(jnp.int32)
   # The reference takes the quantile over `ignore_mask_small != 255`, the legacy-nearest
   # resized ignore mask, so that is the valid set here too.
-  valid = ops.resize_nearest_legacy(ignore_mask, (h, w)) != IGNORE
+  valid = ops.resize_nearest_legacy(ignore_mask, (h, w)) != ignore_label
   probs = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
-  unl = filter_by_entropy(probs, valid, percent, method, num_bins)
-  unl = jnp.where(valid, unl, IGNORE)
+  unl = filter_by_entropy(probs, valid, percent, method, num_bins, ignore_label)
+  unl = jnp.where(valid, unl, ignore_label)
   return jnp.concatenate([lab, unl], axis=0)
 
 
@@ -236,14 +236,14 @@ def ohem_cross_entropy(logits, labels, thresh=0.7, min_kept=100000, ignore_label
   return jnp.where(jnp.sum(valid, dtype=jnp.int32) >= min_kept, hard, plain)
 
 
-def unsup_cross_entropy(logits, pseudo, ignore_mask, scale_quirk=True):
+def unsup_cross_entropy(logits, pseudo, ignore_mask, scale_quirk=True, ignore_label=IGNORE):
   """Unsupervised loss on mixed images (s.3 step 6), logits [B, H, W, C] at label size.
 
-  Pixels with ignore_mask 255 become 255; mean CE over the rest, times B*H*W / n_valid
+  Pixels with ignore_mask == ignore_label are ignored; mean CE over the rest, times B*H*W / n_valid
   when scale_quirk (the reference's scale on top of a mean). 0 if no valid pixel.
   """
-  target = jnp.where(ignore_mask == IGNORE, IGNORE, pseudo)
-  nll, valid = _pixel_nll(logits, target, IGNORE)
+  target = jnp.where(ignore_mask == ignore_label, ignore_label, pseudo)
+  nll, valid = _pixel_nll(logits, target, ignore_label)
   n = jnp.sum(valid, dtype=jnp.float32)
   loss = _masked_mean(nll, valid)
   if scale_quirk:

@@ -42,6 +42,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
   cli.quiet_after_failures()
+  cli.quiet_orbax_leftovers()
   try:
     _main()
   except KeyboardInterrupt:
@@ -60,18 +61,20 @@ def _main():
   from dgcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from dgcl_jax import config_base  # pylint: disable=g-import-not-at-top
   from dgcl_jax import convert  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import errors  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import rundir  # pylint: disable=g-import-not-at-top
   from dgcl_jax import train  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  expected = (config_base.ConfigError, pipeline.DataError, train.NonFiniteLossError, train.RunEnvironmentError,
+  expected = (config_base.ConfigError, pipeline.DataError, errors.NonFiniteLossError, errors.RunEnvironmentError,
               checkpointing.CheckpointError, convert.ConversionError, OSError)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except expected as e:
     if isinstance(e, OSError):  # e.g. TensorBoard's event file on a full disk
-      e = train.environment_failure(e, _WORKDIR.value)
+      e = rundir.environment_failure(e, _WORKDIR.value)
     cli.fail(e)
 
 

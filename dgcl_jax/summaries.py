@@ -7,11 +7,11 @@ import os
 import numpy as np
 
 
-def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
-  """[H, W] class indices (255 = ignore, shown white) -> [H, W, 3] uint8."""
+def colorize(mask: np.ndarray, palette: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+  """[H, W] class indices (ignore_label shown white) -> [H, W, 3] uint8."""
   mask = np.asarray(mask)
   out = palette[np.clip(mask, 0, len(palette) - 1)].astype(np.uint8)
-  out[mask == 255] = 255
+  out[mask == ignore_label] = 255
   return out
 
 
@@ -50,29 +50,27 @@ class Writer:
     image = np.asarray(summary["unlabeled_image"])[0]
     pseudo = np.asarray(summary["pseudo_label"])[0]
     self.image(step, "train/unlabeled_image", denormalize(image, config))
-    self.image(step, "train/pseudo_label", colorize(pseudo, palette))
+    self.image(step, "train/pseudo_label", colorize(pseudo, palette, config.data.ignore_label))
 
   def eval_images(self, step: int, fns, state, config) -> None:
-    """Input, label and student/teacher predictions of the first few validation images."""
+    """Input, label and student/teacher predictions of the first few validation images, both
+    networks in float32 as the mIoU scores them (fns: step.StepFunctions, compiled once per run)."""
     if self._writer is None or config.num_eval_images_logged <= 0:
       return
     import jax  # pylint: disable=g-import-not-at-top
-    from dgcl_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from dgcl_jax import step as step_lib  # pylint: disable=g-import-not-at-top
     from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     palette = np.asarray(pipeline.palette(config.model.num_classes))
+    ignore = config.data.ignore_label
     item = next(iter(pipeline.create_val_iterator(config, mode="center", batch_size=1,
                                                   process_index=0, process_count=1)))
     image, label = item["image"], item["label"]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    predictor = evaluation.Predictor(fns.student, variables, config.model.num_classes, config.data.val_crop_size)
-    pred = np.asarray(jax.device_get(predictor.center(image))).argmax(-1)[0]
     self.image(step, "eval/input", denormalize(image[0], config))
-    self.image(step, "eval/label", colorize(label[0], palette))
-    self.image(step, "eval/student_prediction", colorize(pred, palette))
-    tvars = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
-    predictor = evaluation.Predictor(fns.teacher, tvars, config.model.num_classes, config.data.val_crop_size)
-    pred = np.asarray(jax.device_get(predictor.center(image))).argmax(-1)[0]
-    self.image(step, "eval/teacher_prediction", colorize(pred, palette))
+    self.image(step, "eval/label", colorize(label[0], palette, ignore))
+    for name, teacher in (("student", False), ("teacher", True)):
+      logits = fns.predict(step_lib.variables_of(state, teacher), image)
+      pred = np.asarray(jax.device_get(logits)).argmax(-1)[0]
+      self.image(step, f"eval/{name}_prediction", colorize(pred, palette, ignore))
 
   def close(self) -> None:
     if self._writer is not None:

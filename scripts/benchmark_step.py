@@ -195,14 +195,16 @@ def _run(args, dump_dir):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import config_base, train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import config_base, runtime  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.step import StepFunctions  # pylint: disable=g-import-not-at-top
 
   config = config_base.load_config_file(args.config)
   for assignment in args.set:
     _set(config, assignment)
   config.steps_per_epoch = 1000
-  mesh = train.make_mesh()
-  fns = train.StepFunctions(config, mesh, steps_per_epoch=1000)
+  parts = state_lib.Parts.create(config, steps_per_epoch=1000)
+  fns = StepFunctions(parts, runtime.make_mesh())
   b, crop, k = config.batch_size, config.data.crop_size, config.model.num_classes
   header = (f"config: {args.config} method={config.method} batch={b}+{b} crop={crop} dtype={config.model.dtype} "
             f"remat={config.model.get('remat', False)} semi={args.semi} full_bank={args.full_bank}")
@@ -210,9 +212,7 @@ def _run(args, dump_dir):
   if args.compile_only:
     # A cached executable would skip the compile and so the dump.
     jax.config.update("jax_enable_compilation_cache", False)
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.PRNGKey(0), load_pretrained=False))
-    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=fns.replicated),
-                                   abstract)
+    state = state_lib.abstract_train_state(config, parts, fns.replicated)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=fns.batch_sharding)
     batch = {"labeled_image": spec((b, crop, crop, 3), jnp.float32),
              "labeled_label": spec((b, crop, crop), jnp.int32),
@@ -242,8 +242,8 @@ def _run(args, dump_dir):
     return 0
 
   # As the trainer: a repeated benchmark loads its compiled step from the persistent cache.
-  cache = train.setup_compilation_cache(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), load_pretrained=False)
+  cache = runtime.setup_compilation_cache(config)
+  state = state_lib.create_train_state(config, jax.random.PRNGKey(0), parts=parts, load_pretrained=False)
   if args.full_bank and config.method == "dgcl":
     bank = state.memory_bank
     rng = np.random.default_rng(0)
@@ -264,12 +264,12 @@ def _run(args, dump_dir):
       "unlabeled_ignore": np.zeros((b, crop, crop), np.int32),
   }
   batch = jax.device_put(batch, fns.batch_sharding)
-  hits = train.compilation_cache_hits()
+  hits = runtime.compilation_cache_hits()
   t0 = time.perf_counter()
   state, metrics, _ = fns.train_step(state, batch, semi=args.semi)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
-  source = "loaded from the compilation cache" if train.compilation_cache_hits() > hits else "compiled"
+  source = "loaded from the compilation cache" if runtime.compilation_cache_hits() > hits else "compiled"
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
   print(header)
   print(f"compilation cache: {cache or 'off'}")

@@ -1,7 +1,7 @@
 """Converts a PyTorch checkpoint of the reference into an orbax directory (config.model.pretrained, --variables).
 
   python scripts/convert_torch_checkpoint.py --input resnet101.pth --output /abs/or/rel/DIR \
-      [--config configs/pascal.py[:arg]] [--state teacher_state|model_state|state_dict]
+      [--config configs/pascal.py[:arg]] [--state teacher_state|model_state|state_dict] [--trust_pickle]
 
 A full model converted from a training checkpoint is evaluated with
   python scripts/evaluate.py --config=configs/pascal.py --variables=DIR
@@ -12,13 +12,24 @@ reference ({'epoch', 'model_state', 'teacher_state', 'best_miou', 'optimizer_sta
 evaluation scores), model_state (the student), state_dict that is present.
 A backbone-only file writes only the 'backbone' variables (the trainer keeps its own decoder
 init); a full model writes everything. Errors print one line and exit with status 1.
+
+Loading is safe for files from strangers: a .pth is a pickle, and a full unpickle can run any code the
+file carries, so the file is read with torch.load(weights_only=True), which builds only tensors, the
+plain Python containers and numbers, and the few types allowed below: numpy scalars of number types
+(e.g. a best_miou saved as numpy.float64), rebuilt by this script's own checked stand-ins for
+numpy.dtype and numpy's scalar reconstructor (with torch >= 2.6; older torch allows no extra types).
+A file that needs any other object (a class of the reference's code, an argparse.Namespace, numpy
+arrays, or a crafted payload) is refused with one line naming what torch refused; --trust_pickle loads
+it as a full pickle instead, only for files you trust.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
+import re
 import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,20 +53,134 @@ def load_config(spec: str):
     raise _Fail(str(e)) from e
 
 
-def read_state_dict(path: str, state: str | None):
-  """(the chosen state dict of a .pth file as {name: float32 numpy array}, its entry name or None)."""
+# ----------------------------------------------------------------------------- safe loading
+#
+# torch.load(weights_only=True) builds tensors, dict/list/tuple/set, str/bytes/int/float/bool/None,
+# OrderedDict, torch.Size/device/dtypes and nothing else; a global outside its allow-list is refused
+# before anything is called. The reference's training checkpoints and torchvision's resnet101.pth need
+# nothing more, except that a checkpoint may hold numpy scalars (best_miou computed with numpy is a
+# numpy.float64). A pickled numpy scalar is
+#   numpy.core.multiarray.scalar(numpy.dtype('f8', False, True) + BUILD(dtype state), <its bytes>)
+# and allowing numpy's own callables would let the file set a dtype's internal flags through
+# dtype.__setstate__ (a long double marked NPY_USE_GETITEM crashes numpy when its scalar is built). So
+# the names numpy.dtype and numpy[._]core.multiarray.scalar map to the two stand-ins below: they accept
+# only a number type, check the state against that type's own, and build the scalar with
+# numpy.frombuffer from the bytes; no numpy callable ever sees the file's arguments.
+
+_SCALAR_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")   # numpy 1.x, 2.x pickles
+_TRUST_FLAG = "--trust_pickle"
+
+
+class _NumpyNumberDType:
+  """Stands in for numpy.dtype(spec, align, copy) in a weights_only load: a number type only (bool,
+  [u]int, float, complex: spec like 'f8', 'i8', 'b1'); its BUILD state must be that type's own."""
+
+  __slots__ = ("dtype",)
+
+  def __new__(cls, spec=None, align=False, copy=False, *rest):
+    import numpy as np
+    if (not isinstance(spec, str) or not re.fullmatch(r"[biufc][0-9]{1,2}", spec) or rest
+        or not isinstance(align, (bool, int)) or not isinstance(copy, (bool, int))):
+      raise pickle.UnpicklingError(f"numpy.dtype{(spec, align, copy) + rest!r} is not a plain number type")
+    try:
+      dtype = np.dtype(spec)
+    except TypeError as e:
+      raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a numpy type") from e
+    if dtype.kind not in "biufc" or dtype.str[1:] != spec:
+      raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a plain number type")
+    self = object.__new__(cls)
+    self.dtype = dtype
+    return self
+
+  def __setstate__(self, state):
+    # numpy's dtype state: (version, byteorder, subdescr, names, fields, elsize, alignment, flags[, metadata]).
+    canonical = self.dtype.__reduce__()[2]
+    ok = (isinstance(state, tuple) and len(state) == len(canonical) and state[0] in (3, 4)
+          and state[1] in ("<", ">", "|", "=") and state[2:] == canonical[2:])
+    if not ok:
+      raise pickle.UnpicklingError(f"numpy dtype state {state!r} is not that of a plain {self.dtype}")
+    if state[1] in "<>":
+      self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _numpy_scalar(dtype, data=None):
+  """Stands in for numpy.core.multiarray.scalar(dtype, bytes): a numpy number from its bytes."""
+  import numpy as np
+  if not isinstance(dtype, _NumpyNumberDType) or not hasattr(dtype, "dtype"):
+    raise pickle.UnpicklingError(f"numpy scalar of {type(dtype).__name__}, not of a plain number dtype")
+  if data is None:
+    data = bytes(dtype.dtype.itemsize)
+  if isinstance(data, str):   # Python 2 era pickles
+    data = data.encode("latin1")
+  if not isinstance(data, bytes) or len(data) < dtype.dtype.itemsize:
+    raise pickle.UnpicklingError("numpy scalar without the bytes of its value")
+  return np.frombuffer(data[:dtype.dtype.itemsize], dtype=dtype.dtype)[0]
+
+
+def _allow_list(torch):
+  """What weights_only loading may build beyond torch's defaults (as add_safe_globals entries)."""
+  version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+  if not hasattr(torch.serialization, "safe_globals") or version < (2, 6):
+    return []   # no (callable, name) entries before torch 2.6: numpy scalars are refused
+  return [(_NumpyNumberDType, "numpy.dtype"), _NumpyNumberDType] + [(_numpy_scalar, n) for n in _SCALAR_NAMES]
+
+
+def _refused(path: str, error: BaseException) -> str:
+  """What torch's weights_only loader refused in `path`: the disallowed globals of a zip checkpoint,
+  else the one its message names, else the message's gist (one line)."""
+  import torch
+  names = []
+  try:
+    names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+  except Exception:  # legacy (non-zip) files, old torch
+    pass
+  text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+  if not names:
+    names = re.findall(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
+  if names:
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+  detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load")[0]
+  detail = " ".join(detail.split()) or type(error).__name__
+  return detail if len(detail) <= 200 else detail[:197] + "..."
+
+
+def load_checkpoint(path: str, trust_pickle: bool = False):
+  """torch.load of `path` with weights_only=True and the allow-list above; what that refuses raises
+  _Fail naming --trust_pickle, or with trust_pickle is loaded as a full pickle (a warning line)."""
   import torch
   if not os.path.isfile(path):
     raise _Fail(f"input checkpoint {path!r} not found")
+  allowed = _allow_list(torch)
+  scope = torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext()
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError:
-    # Old checkpoints may pickle non-tensor objects; weights_only cannot read them.
-    print(f"note: {path} is not loadable with weights_only=True; loading it as a full pickle",
-          file=sys.stderr)
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    with scope:
+      try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+      except pickle.UnpicklingError as e:
+        refused = _refused(path, e)
   except Exception as e:
-    raise _Fail(f"cannot read {path!r} with torch.load: {type(e).__name__}: {str(e).splitlines()[0]}")
+    raise _Fail(f"cannot read {path!r} with torch.load: {_describe(e)}") from e
+  if not trust_pickle:
+    raise _Fail(f"{path!r} holds objects that weights_only loading refuses ({refused}); pass {_TRUST_FLAG} "
+                f"to load it as a full pickle, only for files you trust")
+  print(f"warning: {_TRUST_FLAG}: loading {path!r} as a full pickle, which runs any code the file carries "
+        f"(weights_only loading refuses {refused})", file=sys.stderr, flush=True)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:
+    raise _Fail(f"cannot read {path!r} as a full pickle: {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+  """'Type: first line of the message' (or just the type)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def read_state_dict(path: str, state: str | None, trust_pickle: bool = False):
+  """(the chosen state dict of a .pth file as {name: float32 numpy array}, its entry name or None)."""
+  import torch
+  obj = load_checkpoint(path, trust_pickle)
   if not isinstance(obj, dict):
     raise _Fail(f"{path!r} holds a {type(obj).__name__}, not a state dict")
   if state is not None:
@@ -84,13 +209,16 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default=os.path.join(_ROOT, "configs", "pascal.py"),
                       help="config file[:arg] whose model section the weights must fit")
   parser.add_argument("--state", default=None, help="entry of a training checkpoint to convert")
+  parser.add_argument(_TRUST_FLAG, action="store_true",
+                      help="load a file that weights_only loading refuses as a full pickle, which runs any "
+                           "code it carries: only for files you trust")
   args = parser.parse_args(argv)
   from dgcl_jax import convert
   try:
     if os.path.exists(args.output):
       raise _Fail(f"output {args.output!r} already exists")
     model_config = load_config(args.config).model
-    state_dict, entry = read_state_dict(args.input, args.state)
+    state_dict, entry = read_state_dict(args.input, args.state, args.trust_pickle)
     variables, full = convert.convert_state_dict(state_dict, model_config)
     convert.save_variables(args.output, variables)
   except (_Fail, convert.ConversionError) as e:

@@ -15,6 +15,7 @@ A checkpoint converted from the reference's PyTorch training checkpoints
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,9 +25,9 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dgcl_jax import cli, restore  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dgcl_jax import cli, script_support  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = restore.define_checkpoint_flags("Which network to evaluate.")
+_CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = script_support.define_checkpoint_flags("Which network to evaluate.")
 _MODE = flags.DEFINE_enum("mode", None, ["center", "sliding"],
                           "Center crop or sliding window over the full image. Default: the config's evaluation.mode.")
 _SCALES = flags.DEFINE_list("scales", ["1.0"], "Scales for sliding-window evaluation.")
@@ -51,31 +52,32 @@ def main(argv):
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     return 2
   cli.quiet_libraries()
+  cli.quiet_orbax_leftovers()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from dgcl_jax import checkpointing, convert, evaluation, models  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import ops, summaries, train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import runtime, state, summaries  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
-    config = restore.config_value(_CONFIG)
+    config = script_support.config_value(_CONFIG)
     mode = _MODE.value or config.evaluation.mode
     scales = tuple(float(s) for s in _SCALES.value)
     pipeline.check_val_inputs(config)
-    mesh = train.make_mesh()
+    mesh = runtime.make_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    variables, source = restore.load_model_variables(
+    variables, source = script_support.load_model_variables(
         config, replicated, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
         model=_MODEL.value)
-  except (restore.SetupError, checkpointing.CheckpointError, convert.ConversionError, pipeline.DataError,
+  except (script_support.SetupError, checkpointing.CheckpointError, convert.ConversionError, pipeline.DataError,
           OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   # Both networks are scored in float32, as the in-training evaluation (REFERENCE.md section 2).
-  module = models.build(train.teacher_model_config(config.model))
+  module = models.build(state.teacher_model_config(config.model))
   num_classes = config.model.num_classes
+  ignore_label = int(config.data.ignore_label)
   palette = np.asarray(pipeline.palette(num_classes))
   conf = np.zeros((num_classes, num_classes), np.int64)
   if _SAVE_PREDICTIONS.value:
@@ -87,16 +89,13 @@ def main(argv):
     if mode == "center" and scales == (1.0,) and not _FLIP.value:
       # The in-training evaluation path, batch by batch; one compiled function gives the
       # confusion matrix and, for --save_predictions, the predictions.
-      def forward(v, x, y):
-        logits = module.apply(v, x, train=False)["pred"].astype(jnp.float32)
-        pred = jnp.argmax(ops.resize_bilinear_align_corners(logits, y.shape[1:3]), axis=-1)
-        return evaluation.confusion_matrix(pred, y, num_classes), pred
-      eval_fn = jax.jit(forward)
+      eval_fn = jax.jit(functools.partial(evaluation.predictions_and_confusion, module, num_classes=num_classes,
+                                          ignore_label=ignore_label))
       bs = jax.device_count()
       index = 0
       for item in pipeline.create_val_iterator(config, mode="center", batch_size=bs):
-        batch = train.global_batch({"image": item["image"], "label": item["label"]}, batch_sharding)
-        batch_conf, preds = eval_fn(variables, batch["image"], batch["label"])
+        batch = runtime.global_batch({"image": item["image"], "label": item["label"]}, batch_sharding)
+        preds, batch_conf = eval_fn(variables, batch["image"], batch["label"])
         conf += np.asarray(jax.device_get(batch_conf), np.int64)
         if _SAVE_PREDICTIONS.value:
           preds = np.asarray(jax.device_get(preds))
@@ -113,7 +112,7 @@ def main(argv):
           continue
         logits = predictor.predict(item["image"], mode=mode, scales=scales, flip=_FLIP.value)
         pred = np.asarray(jax.device_get(logits)).argmax(-1)
-        conf += np.asarray(evaluation.confusion_matrix(pred, item["label"], num_classes), np.int64)
+        conf += np.asarray(evaluation.confusion_matrix(pred, item["label"], num_classes, ignore_label), np.int64)
         if _SAVE_PREDICTIONS.value:
           name = os.path.basename(str(item.get("name", f"{index:05d}"))).rsplit(".", 1)[0]
           Image.fromarray(summaries.colorize(pred[0], palette)).save(
@@ -127,7 +126,7 @@ def main(argv):
   print(f"{'class':<{width}}  IoU (%)")
   for name, value in zip(names, iou):
     print(f"{name:<{width}}  {100 * value:6.2f}")
-  print(f"mIoU: {100 * miou:.2f} ({restore.describe(source)}; {protocol})")
+  print(f"mIoU: {100 * miou:.2f} ({script_support.describe(source)}; {protocol})")
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump({"miou": miou, "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
@@ -138,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: restore.exit_with_status(main(argv)), flags_parser=restore.parse_flags)
+  app.run(lambda argv: cli.exit_with_status(main(argv)), flags_parser=script_support.parse_flags)

@@ -16,9 +16,9 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dgcl_jax import cli, restore  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dgcl_jax import cli, script_support  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = restore.define_checkpoint_flags("Which network to use.")
+_CONFIG, _WORKDIR, _VARIABLES, _CHECKPOINT, _MODEL = script_support.define_checkpoint_flags("Which network to use.")
 _MODE = flags.DEFINE_enum("mode", "sliding", ["center", "sliding"], "Whole image or sliding window.")
 _INPUT = flags.DEFINE_string("input", None, "Folder of images (jpg, jpeg, png).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write <name>_mask.png and <name>_overlay.png.")
@@ -32,12 +32,13 @@ def main(argv):
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     return 2
   cli.quiet_libraries()
+  cli.quiet_orbax_leftovers()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from dgcl_jax import checkpointing, convert, evaluation, models  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import summaries, train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import runtime, state, summaries  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if not _INPUT.value or not os.path.isdir(_INPUT.value):
     print(f"error: --input={_INPUT.value!r} is not a folder", file=sys.stderr)
@@ -50,17 +51,17 @@ def main(argv):
     print(f"error: no images ({', '.join(_EXTENSIONS)}) in {_INPUT.value}", file=sys.stderr)
     return 1
   try:
-    config = restore.config_value(_CONFIG)
-    replicated = NamedSharding(train.make_mesh(), P())
-    variables, source = restore.load_model_variables(
+    config = script_support.config_value(_CONFIG)
+    replicated = NamedSharding(runtime.make_mesh(), P())
+    variables, source = script_support.load_model_variables(
         config, replicated, workdir=_WORKDIR.value, variables_dir=_VARIABLES.value, checkpoint=_CHECKPOINT.value,
         model=_MODEL.value)
-  except (restore.SetupError, checkpointing.CheckpointError, convert.ConversionError, pipeline.DataError,
+  except (script_support.SetupError, checkpointing.CheckpointError, convert.ConversionError, pipeline.DataError,
           OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"predicting with the {restore.describe(source)}, float32", flush=True)
-  module = models.build(train.teacher_model_config(config.model))  # float32, whichever network
+  print(f"predicting with the {script_support.describe(source)}, float32", flush=True)
+  module = models.build(state.teacher_model_config(config.model))  # float32, whichever network
   variables = jax.device_put(variables, replicated)
   predictor = evaluation.Predictor(module, variables, config.model.num_classes, config.data.val_crop_size)
   palette = np.asarray(pipeline.palette(config.model.num_classes))
@@ -85,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: restore.exit_with_status(main(argv)), flags_parser=restore.parse_flags)
+  app.run(lambda argv: cli.exit_with_status(main(argv)), flags_parser=script_support.parse_flags)

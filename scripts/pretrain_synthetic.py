@@ -53,7 +53,7 @@ def pretrain(config, *, num_images: int, steps: int, batch_size: int, lr: float,
   m, d = config.model, config.data
   if d.name != "synthetic":
     raise SystemExit(f"config.data.name={d.name!r}: this script pretrains for the synthetic dataset only")
-  num_targets = d.num_classes - 1
+  num_targets = config.model.num_classes - 1
 
   class Classifier(nn.Module):
     @nn.compact
@@ -63,7 +63,7 @@ def pretrain(config, *, num_images: int, steps: int, batch_size: int, lr: float,
       return nn.Dense(num_targets, name="head")(jnp.mean(feats[3], axis=(1, 2)))
 
   t0 = time.perf_counter()
-  images, targets = make_dataset(num_images, seed, d.synthetic_image_size, d.num_classes)
+  images, targets = make_dataset(num_images, seed, d.synthetic_image_size, config.model.num_classes)
   log(f"generated {num_images} images of {d.synthetic_image_size}x{d.synthetic_image_size} "
       f"in {time.perf_counter() - t0:.1f} s; class frequency {np.round(targets.mean(0), 2).tolist()}")
   mean, std = tuple(d.mean), tuple(d.std)

@@ -20,22 +20,23 @@ def main():
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
                                process_id=process_id)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import train  # pylint: disable=g-import-not-at-top
-  import test_train  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import runtime, state as state_lib  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.step import StepFunctions  # pylint: disable=g-import-not-at-top
+  import tiny  # pylint: disable=g-import-not-at-top
 
-  config = test_train.tiny_config("dgcl")
-  mesh = train.make_mesh()
-  fns = train.StepFunctions(config, mesh, steps_per_epoch=4)
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
-  state = state.replace(memory_bank=test_train._full_bank(config))  # pylint: disable=protected-access
+  config = tiny.tiny_config("dgcl")
+  mesh = runtime.make_mesh()
+  fns = StepFunctions(state_lib.Parts.create(config, steps_per_epoch=4), mesh)
+  state = state_lib.create_train_state(config, jax.random.PRNGKey(0))
+  state = state.replace(memory_bank=tiny.full_bank(config))
   state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   rows = config.batch_size // jax.process_count()
   history = []
   for i in range(3):
-    batch = test_train._random_batch(config, i)  # pylint: disable=protected-access
+    batch = tiny.random_batch(config, i)
     local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
     with mesh:
-      state, metrics, _ = fns.train_step(state, train.global_batch(local, fns.batch_sharding), semi=True)
+      state, metrics, _ = fns.train_step(state, runtime.global_batch(local, fns.batch_sharding), semi=True)
     history.append({k: float(v) for k, v in metrics.items()})
   # The bank is replicated: this process's copy of it.
   counts = np.asarray(state.memory_bank.count.addressable_data(0)).tolist()

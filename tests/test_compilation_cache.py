@@ -1,4 +1,4 @@
-"""The trainer's persistent compilation cache (train.setup_compilation_cache)."""
+"""The trainer's persistent compilation cache (runtime.setup_compilation_cache)."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from dgcl_jax import config_base
-from dgcl_jax import train
+from dgcl_jax import runtime
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,13 +17,13 @@ _SCRIPT = """
 import sys
 import jax
 import jax.numpy as jnp
-from dgcl_jax import config_base, train
+from dgcl_jax import config_base, runtime
 config = config_base.base_config()
 config.compilation_cache_dir = sys.argv[1]
-print("cache dir", train.setup_compilation_cache(config))
+print("cache dir", runtime.setup_compilation_cache(config))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # this program compiles in ms
 jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)(jnp.ones((8, 8))).block_until_ready()
-print("cache hits", train._CACHE_HITS[0])
+print("cache hits", runtime.compilation_cache_hits())
 """
 
 
@@ -39,19 +39,19 @@ def no_jax_cache_dir():
 def test_cache_directory_default_override_and_off(monkeypatch, tmp_path, no_jax_cache_dir):
   config = config_base.base_config()
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert train.compilation_cache_dir(config) == str(tmp_path / "xdg" / "dgcl_jax" / "jax_cache")
+  assert runtime.compilation_cache_dir(config) == str(tmp_path / "xdg" / "dgcl_jax" / "jax_cache")
   monkeypatch.delenv("XDG_CACHE_HOME")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert train.compilation_cache_dir(config) == str(tmp_path / "home" / ".cache" / "dgcl_jax" / "jax_cache")
+  assert runtime.compilation_cache_dir(config) == str(tmp_path / "home" / ".cache" / "dgcl_jax" / "jax_cache")
   config.compilation_cache_dir = "~/elsewhere"
-  assert train.compilation_cache_dir(config) == str(tmp_path / "home" / "elsewhere")
+  assert runtime.compilation_cache_dir(config) == str(tmp_path / "home" / "elsewhere")
   config.compilation_cache_dir = "None"
-  assert train.compilation_cache_dir(config) is None
-  assert train.setup_compilation_cache(config) is None
+  assert runtime.compilation_cache_dir(config) is None
+  assert runtime.setup_compilation_cache(config) is None
   # By default jax's own setting (JAX_COMPILATION_CACHE_DIR) wins over the trainer's location.
   config.compilation_cache_dir = ""
   jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_env"))
-  assert train.compilation_cache_dir(config) == str(tmp_path / "jax_env")
+  assert runtime.compilation_cache_dir(config) == str(tmp_path / "jax_env")
 
 
 def test_second_process_loads_the_compiled_program_from_the_cache(tmp_path):

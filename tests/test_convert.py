@@ -246,7 +246,6 @@ def _tiny_pascal_tree(tmp_path, ids, val_crop):
   lines += [f"  c.model.{k} = {v!r}" for k, v in small.items()]
   lines += ["  c.model.dtype = 'float32'", "  c.model.pretrained = 'none'",
             f"  c.data.root = {str(tmp_path / 'voc')!r}", f"  c.data.val_crop_size = {val_crop}",
-            f"  c.data.num_classes = {small.num_classes}",
             f"  c.data.class_names = {tuple(f'c{i}' for i in range(small.num_classes))!r}"]
   lines += [f"  c.data.{k} = {lst!r}" for k in ("labeled_list", "unlabeled_list", "val_list")]
   lines += ["  c.data.num_workers = 0", f"  c.batch_size = {len(ids)}", "  c.num_slices = 1", "  return c", ""]

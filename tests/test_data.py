@@ -57,7 +57,7 @@ def _pascal_config(tmp_path, n_lab=3, n_unl=8, n_val=5, crop=40, batch=4, slices
   d.labeled_list = _write_list(tmp_path / "labeled.txt", ids[:n_lab])
   d.unlabeled_list = _write_list(tmp_path / "unlabeled.txt", ids[n_lab:n_lab + n_unl], trailing_newline=True)
   d.val_list = _write_list(tmp_path / "val.txt", ids[n_lab + n_unl:])
-  d.num_classes = c.model.num_classes = NUM_CLASSES
+  c.model.num_classes = NUM_CLASSES
   d.class_names = tuple(f"c{i}" for i in range(NUM_CLASSES))
   d.crop_size = crop
   d.val_crop_size = 72
@@ -297,7 +297,7 @@ def test_cityscapes_layout(tmp_path):
   c.data.labeled_list = _write_list(tmp_path / "l.txt", items[:2])
   c.data.unlabeled_list = _write_list(tmp_path / "u.txt", items[2:4])
   c.data.val_list = _write_list(tmp_path / "v.txt", items[4:])
-  c.data.num_classes = c.model.num_classes = NUM_CLASSES
+  c.model.num_classes = NUM_CLASSES
   c.data.crop_size, c.data.val_crop_size, c.data.num_workers = 32, 36, 0
   pipeline.check_inputs(c)
   b = next(pipeline.create_train_iterator(c, 0, 1))

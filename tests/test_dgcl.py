@@ -19,6 +19,12 @@ _loss_vg = jax.jit(jax.value_and_grad(dgcl.dgcl_loss), static_argnames=LOSS_STAT
 _update = jax.jit(lambda bank, *a, **kw: bank.update(*a, **kw), static_argnames=UPDATE_STATIC)
 
 
+def _entries(bank, c):
+  """(fts [n, Cf], rep [n, Cr], density [n]) of class c's valid entries, newest first (host arrays)."""
+  n = int(np.asarray(bank.count)[c])
+  return np.asarray(bank.fts)[c, :n], np.asarray(bank.rep)[c, :n], np.asarray(bank.density)[c, :n]
+
+
 @pytest.fixture(scope="module")
 def ref():
   return dict(np.load(FIXTURES))
@@ -135,7 +141,7 @@ def test_bank_matches_reference(ref):
     for c in range(4):
       # Every class pixel is taken (600 <= 1000), so the reference's row-major order is exact
       # and no sorting is needed.
-      for got, name in zip(bank.class_entries(c), ("fts", "rep", "density")):
+      for got, name in zip(_entries(bank, c), ("fts", "rep", "density")):
         np.testing.assert_allclose(got, ref[f"bank/after{i}/class{c}/{name}"], atol=1e-5, rtol=0)
   assert np.all(ref["bank/after1/class0/density"] == 0)
 
@@ -159,8 +165,8 @@ def test_bank_order_eviction_and_density_threshold():
     npbank.update(step, ids, fts, rep, labels.reshape(-1))
     for c in range(num_classes):
       want = npbank.q[c]
-      assert int(bank.counts()[c]) == len(want)
-      g_fts, g_rep, g_dens = bank.class_entries(c)
+      assert int(bank.count[c]) == len(want)
+      g_fts, g_rep, g_dens = _entries(bank, c)
       # Every class pixel is taken (<= max_new_per_class), so the row-major order is exact.
       np.testing.assert_array_equal(g_fts[:, 0].astype(int), [e[1] for e in want])
       np.testing.assert_array_equal(g_rep, np.array([e[3] for e in want]).reshape(-1, 3))
@@ -180,12 +186,12 @@ def test_bank_is_full_and_sampling_without_replacement():
   for step in range(5):
     bank = _update(bank, fts, rep, labels, jax.random.PRNGKey(step), max_new_per_class=max_new,
                    density_min_entries=100, ks=(2,))
-    counts = np.asarray(bank.counts())
+    counts = np.asarray(bank.count)
     np.testing.assert_array_equal(counts, [min(cap, max_new * (step + 1)), min(cap, 3 * (step + 1))])
-    new = bank.class_entries(0)[0][:max_new]
+    new = _entries(bank, 0)[0][:max_new]
     assert np.all(new[:, 1] == 0) and len(set(new[:, 0].tolist())) == max_new   # distinct class-0 pixels
     picks.append(tuple(sorted(new[:, 0].tolist())))
-    np.testing.assert_array_equal(np.sort(bank.class_entries(1)[0][:3, 0]), [30, 31, 32])
+    np.testing.assert_array_equal(np.sort(_entries(bank, 1)[0][:3, 0]), [30, 31, 32])
     assert bool(bank.is_full()) == (step >= 3)
   assert len(set(picks)) > 1   # the draw depends on the key
 

@@ -287,7 +287,7 @@ def test_changed_config_is_refused_and_nothing_is_touched(dgcl_run, tmp_path, en
   shutil.copytree(finished, workdir)
   shutil.rmtree(workdir / "checkpoints" / str(TOTAL_STEPS))
   before = _tree_digest(workdir)
-  line = _run_fails(_main_cmd(workdir, "dgcl", [*RUN, "--config.model.num_classes=6", "--config.data.num_classes=6"]),
+  line = _run_fails(_main_cmd(workdir, "dgcl", [*RUN, "--config.model.num_classes=6"]),
                     env)
   assert "started with another config" in line and "model.num_classes 5 -> 6" in line
   assert "--allow_config_change" in line
@@ -327,7 +327,7 @@ def test_data_errors_mid_run_save_first_then_resume(tmp_path, env):
 
 
 def test_second_ctrl_c_exits_at_once(env):
-  code = ("import os, signal, time; from dgcl_jax import train; p = train._Preempted(); "
+  code = ("import os, signal, time; from dgcl_jax import runtime; p = runtime.Preempted(); "
           "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); assert p.requested; "
           "os.kill(os.getpid(), signal.SIGINT); time.sleep(5); print('not reached')")
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=_ROOT)

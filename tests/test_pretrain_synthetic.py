@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from dgcl_jax import config_base, train
+from dgcl_jax import config_base
+from dgcl_jax import state as state_lib
 from dgcl_jax.data import synthetic
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def test_pretraining_fits_and_the_backbone_loads_into_the_train_state(script, tm
   out = str(tmp_path / "backbone")
   convert.save_variables(out, variables)
   config.model.pretrained = out
-  state = train.create_train_state(config, jax.random.PRNGKey(3))
+  state = state_lib.create_train_state(config, jax.random.PRNGKey(3))
   for tree, key in ((state.params, "params"), (state.teacher_params, "params"),
                     (state.batch_stats, "batch_stats"), (state.teacher_batch_stats, "batch_stats")):
     got, want = jax.tree.leaves(tree["backbone"]), jax.tree.leaves(variables[key]["backbone"])

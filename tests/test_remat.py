@@ -1,16 +1,12 @@
 """Rematerialization (config.model.remat) changes memory only: same parameters, numbers and gradients."""
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_train import _run_steps, initial_state, tiny_config  # noqa: E402
-
-from dgcl_jax import models  # noqa: E402
+from dgcl_jax import models
+from tests.tiny import initial_state, run_steps, tiny_config
 
 
 def _model_config(remat):
@@ -78,14 +74,14 @@ def test_remat_keeps_parameter_tree_outputs_and_gradients():
 @pytest.mark.slow
 def test_remat_train_step_gives_the_same_metrics_and_parameters():
   # The trainer's step with config.model.remat: same losses, parameters and BN statistics after a step
-  # (the plain step and the state are those test_train.py compiles too, cached when run together).
+  # (the plain step and the state are those test_step.py compiles too, cached when run together).
   plain_config = tiny_config("supervised")
   state = initial_state(plain_config)
   results = []
   for remat in (False, True):
     config = tiny_config("supervised")
     config.model.remat = remat
-    results.append(_run_steps(config, 1, 1, semi=False, state=state))
+    results.append(run_steps(config, 1, 1, semi=False, state=state))
   (plain_state, plain_metrics), (remat_state, remat_metrics) = results
   for key, value in plain_metrics[0].items():
     np.testing.assert_allclose(remat_metrics[0][key], value, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any, Iterator
 
+from absl import logging
 import grain
 import numpy as np
 
+from dgcl_jax import config_base
 from dgcl_jax.data import sources
 from dgcl_jax.data import transforms
 from dgcl_jax.data.sources import DataError, load_image  # re-exported
@@ -38,7 +39,7 @@ def normalize(image_uint8: np.ndarray, config) -> np.ndarray:
 
 def class_names(config) -> tuple[str, ...]:
   names = tuple(config.data.class_names)
-  n = int(config.data.num_classes)
+  n = int(config.model.num_classes)
   if len(names) != n:
     names = tuple(names[:n]) + tuple(f"class_{i}" for i in range(len(names), n))
   return names
@@ -223,11 +224,7 @@ class TrainIterator:
   """Infinite iterator over this process's rows of the training batches; resumable by step count."""
 
   def __init__(self, config, process_index: int, process_count: int):
-    if int(config.batch_size) % process_count:
-      raise ValueError(f"config.batch_size={config.batch_size} is not divisible by {process_count} processes")
-    if int(config.batch_size) % int(config.num_slices):
-      raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                       f"config.num_slices={config.num_slices}")
+    config_base.check_batch_split(config, num_processes=process_count)
     self._config = config
     self._splits = sources.build_splits(config)
     self.n_sup = len(self._splits.unlabeled)
@@ -281,8 +278,8 @@ class TrainIterator:
   def set_state(self, state: dict[str, Any]) -> None:
     for key in ("seed", "n_sup", "steps_per_epoch"):
       if key in state and int(state[key]) != int(self.get_state()[key]):
-        print(f"warning: input pipeline state has {key}={state[key]}, the config gives "
-              f"{self.get_state()[key]}; the resumed batches differ from the original run's", file=sys.stderr)
+        logging.warning("input pipeline state has %s=%s, the config gives %s; the resumed batches differ from "
+                        "the original run's", key, state[key], self.get_state()[key])
     self.close()
     self.step = int(state["step"])
 

@@ -388,7 +388,7 @@ def check_root(config) -> None:
 
 def _synthetic_split(config, split: str, n) -> SyntheticSplit:
   d = config.data
-  return SyntheticSplit(int(config.seed), split, int(n), int(d.synthetic_image_size), int(d.num_classes))
+  return SyntheticSplit(int(config.seed), split, int(n), int(d.synthetic_image_size), int(config.model.num_classes))
 
 
 def _tfds_split(config, split: str, start: int, stop: int | None) -> TfdsSplit:
@@ -396,7 +396,7 @@ def _tfds_split(config, split: str, start: int, stop: int | None) -> TfdsSplit:
   if not d.tfds_name:
     raise DataError("config.data.tfds_name is empty: name the TFDS dataset")
   return TfdsSplit(d.tfds_name, d.tfds_data_dir, split, start, stop, d.tfds_image_key, d.tfds_label_key,
-                   int(d.num_classes), int(d.ignore_label))
+                   int(config.model.num_classes), int(d.ignore_label))
 
 
 def _paths_fn(config):
@@ -412,7 +412,7 @@ def build_val_split(config):
     return _synthetic_split(config, "val", d.synthetic_num_val)
   if d.name == "tfds":
     return _tfds_split(config, d.tfds_val_split, 0, None)
-  return _file_split(d.root, d.val_list, int(d.num_classes), int(d.ignore_label), _paths_fn(config))
+  return _file_split(d.root, d.val_list, int(config.model.num_classes), int(d.ignore_label), _paths_fn(config))
 
 
 def build_splits(config) -> Splits:
@@ -429,14 +429,14 @@ def build_splits(config) -> Splits:
     return Splits(_tfds_split(config, d.tfds_train_split, 0, n_lab),
                   _tfds_split(config, d.tfds_train_split, n_lab, None), build_val_split(config))
   fn = _paths_fn(config)
-  labeled = _file_split(d.root, d.labeled_list, int(d.num_classes), ignore, fn)
+  labeled = _file_split(d.root, d.labeled_list, int(config.model.num_classes), ignore, fn)
   # Labels of unlabeled images only for the ground-truth pseudo-label diagnostic (config.loss).
   oracle = config.loss.pseudo_labels == "ground_truth"
   if d.unlabeled_list:
-    unlabeled = _file_split(d.root, d.unlabeled_list, int(d.num_classes), ignore, fn, with_labels=oracle)
+    unlabeled = _file_split(d.root, d.unlabeled_list, int(config.model.num_classes), ignore, fn, with_labels=oracle)
   else:  # no unlabeled list: the labeled images (without their labels) serve as the unlabeled set
     unlabeled = labeled if oracle else dataclasses.replace(labeled, labels=None)
-  val = _file_split(d.root, d.val_list, int(d.num_classes), ignore, fn)
+  val = _file_split(d.root, d.val_list, int(config.model.num_classes), ignore, fn)
   return Splits(labeled, unlabeled, val)
 
 

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py and predict.py (dgcl_jax/restore.py): which network they load, the run's
+"""scripts/evaluate.py and predict.py (dgcl_jax/script_support.py): which network they load, the run's
 own config by default, one line for every setup error, damaged checkpoints."""
 
 import json
@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from dgcl_jax import restore
+from dgcl_jax import script_support
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,32 +25,32 @@ def _meta(step, student, teacher):
 
 
 def test_auto_picks_the_network_that_scored_higher_at_that_step():
-  assert restore._resolve_model(_config(), 10, 30, _meta(30, 0.50, 0.55), "auto") == "teacher"
-  assert restore._resolve_model(_config(), 10, 30, _meta(30, 0.56, 0.55), "auto") == "student"
+  assert script_support._resolve_model(_config(), 10, 30, _meta(30, 0.50, 0.55), "auto") == "teacher"
+  assert script_support._resolve_model(_config(), 10, 30, _meta(30, 0.56, 0.55), "auto") == "student"
 
 
 def test_auto_falls_back_to_teacher_after_the_supervised_epochs_without_a_record():
-  assert restore._resolve_model(_config(), 10, 25, _meta(20, 0.5, None), "auto") == "teacher"
-  assert restore._resolve_model(_config(), lambda: 10, 25, {}, "auto") == "teacher"
+  assert script_support._resolve_model(_config(), 10, 25, _meta(20, 0.5, None), "auto") == "teacher"
+  assert script_support._resolve_model(_config(), lambda: 10, 25, {}, "auto") == "teacher"
 
 
 @pytest.mark.parametrize("config,step", [(_config("supervised"), 100), (_config("dgcl", 2), 20)])
 def test_untrained_teacher_auto_is_student_and_teacher_is_an_error(config, step):
-  assert restore._resolve_model(config, 10, step, _meta(step, 0.4, None), "auto") == "student"
+  assert script_support._resolve_model(config, 10, step, _meta(step, 0.4, None), "auto") == "student"
   with pytest.raises(ValueError, match="--model=teacher: the checkpoint's teacher is untrained"):
-    restore._resolve_model(config, 10, step, {}, "teacher")
+    script_support._resolve_model(config, 10, step, {}, "teacher")
   # The config's default protocol (evaluation.model='teacher') falls back to the student instead.
-  assert restore._resolve_model(config, 10, step, {}, "teacher", explicit=False) == "student"
+  assert script_support._resolve_model(config, 10, step, {}, "teacher", explicit=False) == "student"
 
 
 def test_the_runs_own_evaluation_says_whether_the_teacher_is_trained():
   # A record at the step decides, whatever the config given says.
-  assert restore._resolve_model(_config("supervised"), 10, 30, _meta(30, 0.5, 0.6), "auto") == "teacher"
+  assert script_support._resolve_model(_config("supervised"), 10, 30, _meta(30, 0.5, 0.6), "auto") == "teacher"
 
 
 def test_explicit_choice_is_kept_when_the_teacher_is_trained():
-  assert restore._resolve_model(_config(), 10, 21, _meta(21, 0.9, 0.1), "teacher") == "teacher"
-  assert restore._resolve_model(_config(), 10, 21, _meta(21, 0.1, 0.9), "student") == "student"
+  assert script_support._resolve_model(_config(), 10, 21, _meta(21, 0.9, 0.1), "teacher") == "teacher"
+  assert script_support._resolve_model(_config(), 10, 21, _meta(21, 0.1, 0.9), "student") == "student"
 
 
 def test_run_config_json_loads_with_tuples_and_evaluation_defaults(tmp_path):
@@ -60,11 +60,11 @@ def test_run_config_json_loads_with_tuples_and_evaluation_defaults(tmp_path):
   stored = json.loads(config.to_json_best_effort())
   del stored["evaluation"]  # a run from before the field existed
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  loaded = restore.load_run_config(str(tmp_path))
+  loaded = script_support.load_run_config(str(tmp_path))
   assert loaded.model.aspp_dilations == (6, 12, 18) and loaded.dgcl.ks == (8, 16, 32)
   assert (loaded.evaluation.mode, loaded.evaluation.model) == ("sliding", "teacher")
-  with pytest.raises(restore.SetupError, match="config.json not found"):
-    restore.load_run_config(str(tmp_path / "missing"))
+  with pytest.raises(script_support.SetupError, match="config.json not found"):
+    script_support.load_run_config(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- the scripts on finished runs
@@ -157,7 +157,7 @@ def test_a_config_with_another_method_still_evaluates(runs, env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["evaluate", "predict"])
 @pytest.mark.parametrize("args,message", [
-    (["--config.model.num_classes=7", "--config.data.num_classes=7"],
+    (["--config.model.num_classes=7"],
      r"params.decoder.cls_out.bias has shape \(5,\), the config gives \(7,\): the config does not match the run"),
     ([f"--config={_ROOT}/configs/synthetic.py:dgcl"], r"has shape \(8,\), the config gives \(16,\)"),
 ])

@@ -1,11 +1,8 @@
-"""Training step semantics: config validation, data-parallel equivalence, per-slice pieces.
+"""dgcl_jax/step.py: the train step's semantics: data-parallel equivalence, per-slice pieces, the
+contrastive gradient quirk, ground-truth pseudo labels, float16 loss scaling, shared densities.
 
-Runs on 4 forced CPU devices (tests/conftest.py) with the tiny synthetic config.
+Runs on 4 forced CPU devices (tests/conftest.py) with the tiny synthetic config (tests/tiny.py).
 """
-
-import importlib.util
-import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,185 +10,27 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
-from dgcl_jax import config_base
 from dgcl_jax import dgcl
-from dgcl_jax import train
-
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(_ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def tiny_config(method="dgcl"):
-  config = load_config("synthetic", method)
-  config.batch_size = 4
-  config.num_slices = 2
-  config.data.crop_size = 32
-  config.data.val_crop_size = 32
-  config.data.synthetic_image_size = 32
-  config.data.synthetic_num_labeled = 8
-  config.data.synthetic_num_unlabeled = 16
-  config.data.synthetic_num_val = 8
-  config.model.base_width = 8
-  config.model.decoder_channels = 16
-  config.model.low_level_channels = 8
-  config.model.rep_dim = 16
-  config.num_epochs = 2
-  config.sup_only_epochs = 1
-  config.dgcl.bank_capacity = 40
-  config.dgcl.max_new_per_class = 30
-  config.dgcl.density_min_entries = 30
-  config.dgcl.max_pixels = 200
-  config.dgcl.num_anchors = 20
-  config.dgcl.num_positives = 10
-  config.dgcl.num_negatives = 32
-  config.dgcl.ks = (2, 4, 8)
-  return config
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def test_shipped_configs_validate():
-  for name, args in (("pascal", ("92", "732", "5291")), ("cityscapes", ("186", "372", "1488", "372,u2pl")),
-                     ("synthetic", ("dgcl", "self_training", "supervised"))):
-    for arg in args:
-      config = load_config(name, arg)
-      config_base.validate(config)
-  pascal = load_config("pascal", "732")
-  assert pascal.data.labeled_list.endswith(os.path.join("pascal", "732", "labeled.txt"))
-  assert os.path.exists(pascal.data.labeled_list)
-  city = load_config("cityscapes", "372")
-  assert city.model.aux and city.loss.ohem and city.num_slices == 8
-
-
-@pytest.mark.parametrize("mutate,message", [
-    (lambda c: c.update({"batch_size": 6}), "batch_size=6 is not divisible"),
-    (lambda c: c.optim.update({"base_lr": -0.1}), "config.optim.base_lr=-0.1"),
-    (lambda c: c.update({"method": "dgcll"}), "config.method='dgcll'"),
-    (lambda c: c.data.update({"crop_size": 8}), "config.data.crop_size=8"),
-    (lambda c: c.loss.update({"unsup_weight": -1.0}), "config.loss.unsup_weight=-1.0"),
-    (lambda c: c.model.update({"num_classes": 7}), "config.model.num_classes=7"),
-    (lambda c: c.loss.update({"pseudo_labels": "oracle"}), "config.loss.pseudo_labels='oracle'"),
-    # What --config.model.aspp_dilations=abc gives: a tuple of one string.
-    (lambda c: c.model.update({"aspp_dilations": ("abc",)}), "config.model.aspp_dilations=('abc',): expected a tuple of 3"),
-    (lambda c: c.model.update({"aspp_dilations": (6, 12)}), "config.model.aspp_dilations=(6, 12)"),
-    (lambda c: c.dgcl.update({"ks": ()}), "config.dgcl.ks=(): expected a tuple of one or more positive int"),
-    (lambda c: c.dgcl.update({"ks": (8, -1)}), "config.dgcl.ks=(8, -1)"),
-    (lambda c: c.data.update({"mean": (1.0, 2.0)}), "config.data.mean=(1.0, 2.0)"),
-])
-def test_validate_rejects_bad_values(mutate, message):
-  config = load_config("synthetic")
-  mutate(config)
-  with pytest.raises(config_base.ConfigError, match=re.escape(message)):
-    config_base.validate(config, num_devices=4)
-
-
-def test_validate_rejects_misspelled_field():
-  config = load_config("synthetic")
-  config.optim.lerning_rate = 0.1
-  with pytest.raises(config_base.ConfigError, match="unknown config field 'optim.lerning_rate'"):
-    config_base.validate(config)
-
-
-def test_validate_rejects_batch_not_divisible_by_devices():
-  config = load_config("synthetic")
-  config.batch_size = 6
-  config.num_slices = 3
-  with pytest.raises(config_base.ConfigError, match="not divisible by the 4 devices"):
-    config_base.validate(config, num_devices=4)
-
-
-# ----------------------------------------------------------------------------- the step
-
-
-_STATE_CACHE = {}
-
-
-def initial_state(config):
-  """create_train_state for `config`, cached as host arrays (init compiles slowly on CPU)."""
-  key = config.to_json()
-  if key not in _STATE_CACHE:
-    state = train.create_train_state(config, jax.random.PRNGKey(0))
-    _STATE_CACHE[key] = jax.tree_util.tree_map(np.asarray, state)
-  return _STATE_CACHE[key]
-
-
-def _random_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  b, c, k = config.batch_size, config.data.crop_size, config.model.num_classes
-  ignore = np.zeros((b, c, c), np.int32)
-  ignore[:, :, -3:] = 255
-  labels = rng.integers(0, k, (b, c, c)).astype(np.int32)
-  labels[:, :2] = 255
-  # Spatially smooth labels so every class has enough pixels at stride 4.
-  labels[:, 2:] = (np.arange(c)[None, None, :] * k // c + np.arange(b)[:, None, None]) % k
-  return {
-      "labeled_image": rng.normal(size=(b, c, c, 3)).astype(np.float32),
-      "labeled_label": labels,
-      "unlabeled_image": rng.normal(size=(b, c, c, 3)).astype(np.float32),
-      "unlabeled_ignore": ignore,
-  }
-
-
-_FNS_CACHE = {}
-
-
-def step_functions(config, num_devices):
-  """StepFunctions on the first `num_devices` devices, shared by tests so each step compiles once."""
-  key = (config.to_json(), num_devices)
-  if key not in _FNS_CACHE:
-    mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
-    _FNS_CACHE[key] = train.StepFunctions(config, mesh, steps_per_epoch=4)
-  return _FNS_CACHE[key]
-
-
-def _run_steps(config, num_devices, num_steps, semi, state=None, seed=0):
-  fns = step_functions(config, num_devices)
-  if state is None:
-    state = initial_state(config)
-  # Host copy first: train_step donates its state, and the caller may reuse `state`.
-  state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
-  history = []
-  for i in range(num_steps):
-    batch = jax.device_put(_random_batch(config, seed + i), fns.batch_sharding)
-    state, metrics, _ = fns.train_step(state, batch, semi=semi)
-    history.append({k: float(v) for k, v in metrics.items()})
-  return state, history
+from dgcl_jax import state as state_lib
+from dgcl_jax.step import StepFunctions
+from tests.tiny import full_bank, initial_state, random_batch, run_steps, step_functions, tiny_config
 
 
 def test_supervised_four_devices_match_one_device():
   config = tiny_config("supervised")
-  _, one = _run_steps(config, 1, 3, semi=False)
-  _, four = _run_steps(config, 4, 3, semi=False)
+  _, one = run_steps(config, 1, 3, semi=False)
+  _, four = run_steps(config, 4, 3, semi=False)
   for a, b in zip(one, four):
     np.testing.assert_allclose(a["sup"], b["sup"], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(a["total"], b["total"], rtol=2e-5, atol=1e-6)
 
 
-def _full_bank(config, seed=0):
-  rng = np.random.default_rng(seed)
-  g, m = config.dgcl, config.model
-  bank = dgcl.MemoryBank.create(m.num_classes, g.bank_capacity, m.decoder_channels, m.rep_dim)
-  return bank.replace(
-      fts=jnp.asarray(rng.normal(size=bank.fts.shape), jnp.float32),
-      rep=jnp.asarray(rng.normal(size=bank.rep.shape), jnp.float32),
-      density=jnp.asarray(rng.uniform(size=bank.density.shape), jnp.float32),
-      count=jnp.full(bank.count.shape, g.bank_capacity, bank.count.dtype))
-
-
 def test_dgcl_step_on_four_devices_matches_one_and_bank_is_replicated():
   config = tiny_config("dgcl")
   state = initial_state(config)
-  state = state.replace(memory_bank=_full_bank(config))
-  s1, one = _run_steps(config, 1, 2, semi=True, state=state)
-  s4, four = _run_steps(config, 4, 2, semi=True, state=state)
+  state = state.replace(memory_bank=full_bank(config))
+  s1, one = run_steps(config, 1, 2, semi=True, state=state)
+  s4, four = run_steps(config, 4, 2, semi=True, state=state)
   for a, b in zip(one, four):
     assert a["bank_full"] == 1.0
     assert a["contrastive"] > 0
@@ -211,11 +50,11 @@ def test_contrastive_loss_is_the_mean_of_per_slice_losses_computed_by_hand():
   """The 4-device step's contrastive value equals dgcl_loss run slice by slice by hand, averaged."""
   from dgcl_jax import losses, schedules  # pylint: disable=g-import-not-at-top
   config = tiny_config("dgcl")
-  bank = _full_bank(config)
+  bank = full_bank(config)
   # Step 4 = the first semi-supervised step (4 steps per epoch, 1 supervised epoch): teacher := student.
   state = initial_state(config).replace(memory_bank=bank, step=np.asarray(4, np.int32))
   fns = step_functions(config, 4)
-  batch = _random_batch(config, 3)
+  batch = random_batch(config, 3)
   step_state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   _, metrics, _ = fns.train_step(step_state, jax.device_put(batch, fns.batch_sharding), semi=True)
 
@@ -250,7 +89,7 @@ def test_contrastive_loss_is_the_mean_of_per_slice_losses_computed_by_hand():
                                          ignore[rows], percent, method=config.loss.quantile_method)
     rep_i = jnp.concatenate([out["rep"][rows], out["rep"][urows]]).astype(jnp.float32)
     fts_i = jnp.concatenate([out["fts"][rows], out["fts"][urows]]).astype(jnp.float32)
-    per_slice.append(dgcl.dgcl_loss(rep_i, fts_i, labels_i, bank, loss_keys[i], **train.dgcl_loss_kwargs(config)))
+    per_slice.append(dgcl.dgcl_loss(rep_i, fts_i, labels_i, bank, loss_keys[i], dgcl.LossSettings.from_config(config)))
   assert float(metrics["contrastive"]) > 0
   np.testing.assert_allclose(float(metrics["contrastive"]), float(np.mean(per_slice)), rtol=1e-4)
 
@@ -263,14 +102,14 @@ def test_contrastive_gradient_quirk_scales_only_the_gradient():
   self_training step gives the same update minus the contrastive term.
   """
   config = tiny_config("dgcl")
-  state = initial_state(config).replace(memory_bank=_full_bank(config))
+  state = initial_state(config).replace(memory_bank=full_bank(config))
   clean = tiny_config("dgcl")
   clean.loss.contrastive_grad_quirk = False
   no_contrast = tiny_config("self_training")
   results = {}
   for name, cfg in (("quirk", config), ("clean", clean), ("none", no_contrast)):
     run_state = state if name != "none" else state.replace(memory_bank=initial_state(no_contrast).memory_bank)
-    new_state, hist = _run_steps(cfg, 1, 1, semi=True, state=run_state)
+    new_state, hist = run_steps(cfg, 1, 1, semi=True, state=run_state)
     results[name] = (new_state, hist[0])
   # The reported contrastive value does not depend on the quirk.
   assert results["quirk"][1]["contrastive"] > 0
@@ -298,7 +137,7 @@ def test_ground_truth_pseudo_labels_replace_the_teachers():
   config.loss.unsup_scale_quirk = False
   config.model.dropout_rate = 0.0
   fns = step_functions(config, 1)
-  batch = _random_batch(config)
+  batch = random_batch(config)
   batch["unlabeled_image"] = batch["labeled_image"]
   batch["unlabeled_ignore"] = np.where(batch["labeled_label"] == 255, 255, 0).astype(np.int32)
   losses = {}
@@ -316,40 +155,12 @@ def test_ground_truth_pseudo_labels_replace_the_teachers():
 # ----------------------------------------------------------------------------- float16 loss scaling
 
 
-def test_loss_scale_follows_torch_grad_scaler():
-  """make_loss_scale gives the scales of torch's GradScaler over finite and overflowing steps."""
-  torch = pytest.importorskip("torch")
-  config = tiny_config("dgcl")
-  config.optim.loss_scale_init = 2.0 ** 4
-  config.optim.loss_scale_growth_interval = 3
-  overflow = [False, False, False, False, True, False, False, True, True, False, False, False, False, False,
-              False, False]
-  p = torch.ones(2, requires_grad=True)
-  opt = torch.optim.SGD([p], lr=0.1)
-  scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=3)
-  ls = train.make_loss_scale(config)
-  step = jax.jit(lambda ls, x: ls.value_and_grad(lambda q: jnp.sum(q * x))(jnp.ones(2)))
-  torch_scales, ours = [], []
-  for bad in overflow:
-    x = [float("inf") if bad else 1.0, 2.0]
-    opt.zero_grad()
-    scaler.scale(torch.sum(p * torch.tensor(x))).backward()
-    scaler.step(opt)
-    scaler.update()
-    torch_scales.append(scaler.get_scale())
-    ls, finite, _, _ = step(ls, jnp.asarray(x))
-    assert bool(finite) == (not bad)
-    ours.append(float(ls.scale))
-  assert torch_scales == ours
-  assert len(set(ours)) > 2   # the sequence both grew and shrank
-
-
 def test_float16_overflow_skips_the_update_halves_the_scale_and_advances_the_step():
   config = tiny_config("dgcl")
   config.model.dtype = "float16"
   config.optim.loss_scale_init = 2.0 ** 40   # scaled cotangents overflow float16
-  state = initial_state(config).replace(memory_bank=_full_bank(config), step=np.asarray(5, np.int32))
-  new_state, hist = _run_steps(config, 1, 1, semi=True, state=state)
+  state = initial_state(config).replace(memory_bank=full_bank(config), step=np.asarray(5, np.int32))
+  new_state, hist = run_steps(config, 1, 1, semi=True, state=state)
   metrics = hist[0]
   assert metrics["skipped"] == 1.0 and metrics["loss_scale"] == 2.0 ** 40
   assert float(new_state.loss_scale.scale) == 2.0 ** 39 and int(new_state.loss_scale.fin_steps) == 0
@@ -374,8 +185,8 @@ def test_float16_overflow_skips_the_update_halves_the_scale_and_advances_the_ste
 
   # With the default scale the same step is taken.
   config.optim.loss_scale_init = 2.0 ** 16
-  state = state.replace(loss_scale=train.make_loss_scale(config))
-  new_state, hist = _run_steps(config, 1, 1, semi=True, state=state)
+  state = state.replace(loss_scale=state_lib.make_loss_scale(config))
+  new_state, hist = run_steps(config, 1, 1, semi=True, state=state)
   assert hist[0]["skipped"] == 0.0 and np.isfinite(hist[0]["total"])
   assert int(new_state.loss_scale.fin_steps) == 1 and float(new_state.loss_scale.scale) == 2.0 ** 16
   assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(new_state.params)[0]),
@@ -388,7 +199,7 @@ def test_float16_student_trains():
   config.model.dtype = "float16"
   fns = step_functions(config, 1)
   state = jax.device_put(jax.tree_util.tree_map(np.asarray, initial_state(config)), fns.replicated)
-  batch = jax.device_put(_random_batch(config, 0), fns.batch_sharding)
+  batch = jax.device_put(random_batch(config, 0), fns.batch_sharding)
   sup = []
   for _ in range(8):
     state, metrics, _ = fns.train_step(state, batch, semi=False)
@@ -408,11 +219,11 @@ def test_bank_update_reuses_the_losss_densities(monkeypatch):
     config.dgcl.share_density = share
     # 64 pixels: 16 x 16 features per image, so that classes have more than the loss's 32 pixels.
     config.data.crop_size = config.data.synthetic_image_size = 64
-    fns = train.StepFunctions(config, Mesh(np.asarray(jax.devices()[:1]), ("data",)), steps_per_epoch=4)
-    state = initial_state(config).replace(memory_bank=_full_bank(config))
+    fns = StepFunctions(state_lib.Parts.create(config, steps_per_epoch=4), Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    state = initial_state(config).replace(memory_bank=full_bank(config))
     state = jax.device_put(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
     rows.clear()
-    new_state, metrics, _ = fns.train_step(state, jax.device_put(_random_batch(config), fns.batch_sharding),
+    new_state, metrics, _ = fns.train_step(state, jax.device_put(random_batch(config), fns.batch_sharding),
                                            semi=True)
     jax.block_until_ready(new_state)
     jax.effects_barrier()

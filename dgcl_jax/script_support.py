@@ -62,6 +62,7 @@ def load_run_config(workdir: str):
     raise SetupError(f"{path} cannot be read ({e}): give the run's config with --config=FILE") from None
   if not isinstance(stored, dict):
     raise SetupError(f"{path} does not hold a config: give the run's config with --config=FILE")
+  stored.get("data", {}).pop("num_classes", None)  # a run from before model.num_classes was the only one
   config = ml_collections.ConfigDict(_tuples(stored))
   if "evaluation" not in config:  # a run started before the field existed
     config.evaluation = config_base.base_config().evaluation
@@ -144,27 +145,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags(argv, library_wording=True)
 
 
-def exit_with_status(status: int):
-  """sys.exit(status); a failure exits at once (os._exit, streams flushed): interpreter shutdown
-  after a failed restore makes TensorStore hand its cancelled reads to orbax's closed event loop,
-  dozens of "Event loop is closed" tracebacks after the one line that matters."""
-  if status:
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)  # pylint: disable=protected-access
-  sys.exit(status)
-
-
 # ----------------------------------------------------------------------------- variables
 
 
 def abstract_variables(config, sharding):
   """{'params', 'batch_stats'} ShapeDtypeStructs of config.model's network."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import models, train  # pylint: disable=g-import-not-at-top
-  module = models.build(train.teacher_model_config(config.model))
-  variables = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0), 65))
+  from dgcl_jax import models, state  # pylint: disable=g-import-not-at-top
+  module = models.build(state.teacher_model_config(config.model))
+  variables = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0)))
   variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), variables)
 

@@ -1,4 +1,5 @@
-"""The command line's guards, without training: run identity, environment failures, flags, pretrained."""
+"""dgcl_jax/rundir.py: run identity, environment failures, the workdir check, the pretrained backbone;
+and runtime.Preempted (the signals the loop saves on)."""
 
 import errno
 import json
@@ -8,8 +9,10 @@ import signal
 import pytest
 
 from dgcl_jax import config_base
-from dgcl_jax import train
-from tests.test_train import tiny_config
+from dgcl_jax import errors
+from dgcl_jax import rundir
+from dgcl_jax import runtime
+from tests.tiny import tiny_config
 
 
 def _stored(config):
@@ -57,16 +60,16 @@ def _fake_run(workdir, config, steps, final_step=None):
 def test_run_identity_new_run_resume_refuse_allow(tmp_path):
   config = tiny_config()
   config.steps_per_epoch = 3
-  assert train.check_run_identity(config, str(tmp_path / "new")) == (False, [])
+  assert rundir.check_run_identity(config, str(tmp_path / "new")) == (False, [])
   workdir = tmp_path / "run"
   _fake_run(workdir, config, [2, 4])
-  assert train.check_run_identity(config, str(workdir)) == (True, [])
+  assert rundir.check_run_identity(config, str(workdir)) == (True, [])
   changed = tiny_config()
   changed.steps_per_epoch = 3
   changed.batch_size = 8
   with pytest.raises(config_base.ConfigChangeError, match=r"started with another config: batch_size 4 -> 8;"):
-    train.check_run_identity(changed, str(workdir))
-  assert train.check_run_identity(changed, str(workdir), allow_config_change=True) == (
+    rundir.check_run_identity(changed, str(workdir))
+  assert rundir.check_run_identity(changed, str(workdir), allow_config_change=True) == (
       True, [("batch_size", 4, 8)])
 
 
@@ -75,38 +78,38 @@ def test_run_identity_never_trains_over_a_finished_run(tmp_path):
   config.steps_per_epoch = 3          # 2 epochs: 6 steps
   workdir = tmp_path / "run"
   _fake_run(workdir, config, [5, 6], final_step=6)
-  assert train.check_run_identity(config, str(workdir)) == (True, [])
+  assert rundir.check_run_identity(config, str(workdir)) == (True, [])
   longer = tiny_config()
   longer.steps_per_epoch = 3
   longer.num_epochs = 4
   for allow in (False, True):
     with pytest.raises(config_base.ConfigChangeError, match="finished at step 6.*num_epochs 2 -> 4"):
-      train.check_run_identity(longer, str(workdir), allow_config_change=allow)
+      rundir.check_run_identity(longer, str(workdir), allow_config_change=allow)
   # A run from before config.json was kept: the finished schedule is still protected.
   os.remove(workdir / "config.json")
   with pytest.raises(config_base.ConfigChangeError, match="12 steps instead of 6"):
-    train.check_run_identity(longer, str(workdir), allow_config_change=True)
-  assert train.check_run_identity(config, str(workdir)) == (True, [])
+    rundir.check_run_identity(longer, str(workdir), allow_config_change=True)
+  assert rundir.check_run_identity(config, str(workdir)) == (True, [])
 
 
 def test_record_run_config_keeps_the_previous_one(tmp_path):
   config = tiny_config()
-  train.record_run_config(config, str(tmp_path), new_run=True, changes=[], step=0)
+  rundir.record_run_config(config, str(tmp_path), new_run=True, changes=[], step=0)
   assert json.load(open(tmp_path / "config.json"))["batch_size"] == 4
   config.batch_size = 8
-  train.record_run_config(config, str(tmp_path), new_run=False, changes=[], step=5)
+  rundir.record_run_config(config, str(tmp_path), new_run=False, changes=[], step=5)
   assert json.load(open(tmp_path / "config.json"))["batch_size"] == 4
-  train.record_run_config(config, str(tmp_path), new_run=False, changes=[("batch_size", 4, 8)], step=5)
+  rundir.record_run_config(config, str(tmp_path), new_run=False, changes=[("batch_size", 4, 8)], step=5)
   assert json.load(open(tmp_path / "config.json"))["batch_size"] == 8
   assert json.load(open(tmp_path / "config.before_step_5.json"))["batch_size"] == 4
 
 
 def test_environment_failures_are_recognised():
   full = OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/3")
-  assert train.environment_cause(full).startswith("no space left on the device")
+  assert errors.environment_cause(full).startswith("no space left on the device")
   tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at local file '
                            '"/w/ckpt/": Failed to write 12 bytes to file 7: No space left on device')
-  assert train.environment_cause(tensorstore) == (
+  assert errors.environment_cause(tensorstore) == (
       "no space left on the device (Failed to write 12 bytes to file 7: No space left on device)")
   try:
     try:
@@ -114,39 +117,39 @@ def test_environment_failures_are_recognised():
     except OSError as e:
       raise RuntimeError("save failed") from e
   except RuntimeError as wrapped:
-    assert train.environment_cause(wrapped).startswith("disk quota exceeded")
-  assert train.environment_cause(ValueError("shape mismatch")) is None
-  error = train.environment_failure(full, "/nowhere")
-  assert isinstance(error, train.RunEnvironmentError) and "no complete checkpoint exists yet" in str(error)
+    assert errors.environment_cause(wrapped).startswith("disk quota exceeded")
+  assert errors.environment_cause(ValueError("shape mismatch")) is None
+  error = rundir.environment_failure(full, "/nowhere")
+  assert isinstance(error, errors.RunEnvironmentError) and "no complete checkpoint exists yet" in str(error)
   plain = ValueError("shape mismatch")
-  assert train.environment_failure(plain, "/nowhere") is plain
+  assert rundir.environment_failure(plain, "/nowhere") is plain
 
 
 def test_prepare_workdir_names_the_problem(tmp_path):
   (tmp_path / "file").write_text("x")
-  with pytest.raises(train.RunEnvironmentError, match="Not a directory"):
-    train.prepare_workdir(str(tmp_path / "file" / "run"))
-  train.prepare_workdir(str(tmp_path / "ok"))
+  with pytest.raises(errors.RunEnvironmentError, match="Not a directory"):
+    rundir.prepare_workdir(str(tmp_path / "file" / "run"))
+  rundir.prepare_workdir(str(tmp_path / "ok"))
   assert os.listdir(tmp_path / "ok") == []
 
 
 def test_pretrained_backbone_check(tmp_path):
   config = tiny_config()
-  train.check_pretrained(config)                  # synthetic, "": random init without a word
+  rundir.check_pretrained(config)                  # synthetic, "": random init without a word
   config.model.pretrained = "none"
   assert config_base.pretrained_dir(config) is None
-  train.check_pretrained(config)
+  rundir.check_pretrained(config)
   config.model.pretrained = str(tmp_path / "missing")
   with pytest.raises(config_base.ConfigError, match="convert_torch_checkpoint.py --input resnet101.pth"):
-    train.check_pretrained(config)
+    rundir.check_pretrained(config)
   (tmp_path / "missing").mkdir()
-  train.check_pretrained(config)
+  rundir.check_pretrained(config)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_first_ctrl_c_ask_the_loop_to_save_and_stop(signum):
   previous = signal.getsignal(signum)
-  preempted = train._Preempted()  # pylint: disable=protected-access
+  preempted = runtime.Preempted()
   try:
     os.kill(os.getpid(), signum)
     assert preempted.requested and preempted.signal_name == signal.Signals(signum).name

@@ -29,6 +29,7 @@ from dgcl_jax import evaluation
 from dgcl_jax import losses
 from dgcl_jax import runtime
 from dgcl_jax import schedules
+from dgcl_jax.data import assemble
 from dgcl_jax.state import Parts, TrainState
 
 
@@ -81,6 +82,7 @@ class StepFunctions:
     self.student, self.teacher, self.optimizer = parts.student, parts.teacher, parts.optimizer
     self.ignore_label = int(self.config.data.ignore_label)
     self.dgcl_settings = dgcl.LossSettings.from_config(self.config)
+    self.normalization = assemble.normalization(self.config.data.mean, self.config.data.std)
     self.mesh = mesh
     self.replicated = runtime.replicated(mesh)
     self.batch_sharding = runtime.batch_sharding(mesh)
@@ -95,11 +97,14 @@ class StepFunctions:
   def _train_step(self, state: TrainState, batch: dict[str, jax.Array], semi: bool):
     """One optimizer step on the global batch -> (state, metrics, summary).
 
-    batch: 'labeled_image' [B, H, W, 3], 'labeled_label' [B, H, W], 'unlabeled_image'
-    [B, H, W, 3], 'unlabeled_ignore' [B, H, W] (ignore_label = padding), 'unlabeled_label'
-    [B, H, W] only with config.loss.pseudo_labels='ground_truth'. `semi` (static): the
-    semi-supervised step, else the supervised-epoch one (the only one of method 'supervised').
+    batch: the pipeline's compact batch (uint8 source windows, finished into float32 crops
+    here: data/assemble.py), or the crops themselves: 'labeled_image' [B, H, W, 3],
+    'labeled_label' [B, H, W], 'unlabeled_image' [B, H, W, 3], 'unlabeled_ignore' [B, H, W]
+    (ignore_label = padding), 'unlabeled_label' [B, H, W] only with
+    config.loss.pseudo_labels='ground_truth'. `semi` (static): the semi-supervised step, else
+    the supervised-epoch one (the only one of method 'supervised').
     """
+    batch = assemble.train_batch(batch, *self.normalization)
     keys = dict(zip(("teacher", "student", "cutmix", "contrast", "bank"),
                     jax.random.split(jax.random.fold_in(state.rng, state.step), 8)[:5]))
     reset = self._teacher_reset(state.step, semi)

@@ -164,6 +164,32 @@ def report_peak_buffers(dump_dir: str, top: int = 10) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
+def example_batch(config, rng):
+  """A batch as the pipeline ships it (uint8 source windows, bilinear tables, uint8 labels; the
+  step finishes the crops on the device), made from random images of the dataset's largest size
+  (config.data.max_image_size, else 3/4 of the crop) with labels in 16-pixel blocks."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  p = transforms.TransformParams.from_config(config)
+  k, b = int(config.model.num_classes), int(config.batch_size)
+  h, w = tuple(config.data.max_image_size) or (3 * p.crop_size // 4,) * 2
+  window_hw = transforms.window_size(p, config.data.max_image_size)
+  label_type = transforms.label_dtype(k, p.ignore_label)
+  rows = {"labeled": [], "unlabeled": []}
+  for i in range(2 * b):
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    label = np.kron(rng.integers(0, k, (h // 16 + 1, w // 16 + 1)), np.ones((16, 16), np.int64))[:h, :w]
+    stream = "labeled" if i < b else "unlabeled"
+    rows[stream].append(transforms.train_window(image, label if stream == "labeled" else None, rng, p, window_hw,
+                                                label_type))
+  batch = {}
+  for stream, label_key in (("labeled", "labeled_label"), ("unlabeled", "unlabeled_ignore")):
+    for key in ("window", "index", "frac"):
+      batch[f"{stream}_{key}"] = np.stack([r[key] for r in rows[stream]])
+    batch[label_key] = np.stack([r["label"] for r in rows[stream]])
+  return batch
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="benchmark.py step", description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/pascal.py:732")
@@ -203,6 +229,8 @@ def _run(args, dump_dir):
   for assignment in args.set:
     _set(config, assignment)
   config.steps_per_epoch = 1000
+  if not config.data.max_image_size:
+    config.data.max_image_size = (3 * config.data.crop_size // 4,) * 2
   parts = state_lib.Parts.create(config, steps_per_epoch=1000)
   fns = StepFunctions(parts, runtime.make_mesh())
   b, crop, k = config.batch_size, config.data.crop_size, config.model.num_classes
@@ -213,11 +241,8 @@ def _run(args, dump_dir):
     # A cached executable would skip the compile and so the dump.
     jax.config.update("jax_enable_compilation_cache", False)
     state = state_lib.abstract_train_state(config, parts, fns.replicated)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=fns.batch_sharding)
-    batch = {"labeled_image": spec((b, crop, crop, 3), jnp.float32),
-             "labeled_label": spec((b, crop, crop), jnp.int32),
-             "unlabeled_image": spec((b, crop, crop, 3), jnp.float32),
-             "unlabeled_ignore": spec((b, crop, crop), jnp.int32)}
+    batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=fns.batch_sharding),
+                                   example_batch(config, np.random.default_rng(0)))
     t0 = time.perf_counter()
     lowered = fns.train_step.lower(state, batch, semi=args.semi)
     t1 = time.perf_counter()
@@ -255,14 +280,7 @@ def _run(args, dump_dir):
   if args.semi:
     state = state.replace(step=jnp.asarray(1000 * config.sup_only_epochs + 1000, jnp.int32))
   state = jax.device_put(state, fns.replicated)
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.repeat(rng.integers(0, k, (b, crop // 16 + 1, crop // 16 + 1)), 16, 1), 16, 2)
-  batch = {
-      "labeled_image": rng.normal(size=(b, crop, crop, 3)).astype(np.float32),
-      "labeled_label": labels[:, :crop, :crop].astype(np.int32),
-      "unlabeled_image": rng.normal(size=(b, crop, crop, 3)).astype(np.float32),
-      "unlabeled_ignore": np.zeros((b, crop, crop), np.int32),
-  }
+  batch = example_batch(config, np.random.default_rng(0))
   batch = jax.device_put(batch, fns.batch_sharding)
   hits = runtime.compilation_cache_hits()
   t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from configs import cityscapes as cityscapes_config
 from configs import pascal as pascal_config
 from configs import synthetic as synthetic_config
 from dgcl_jax import config_base
-from dgcl_jax.data import pipeline, sources, synthetic, transforms
+from dgcl_jax.data import assemble, pipeline, sources, synthetic, transforms
 from dgcl_jax.data.pipeline import DataError
 
 MEAN = np.array(config_base.base_config().data.mean, np.float32)
@@ -69,8 +69,13 @@ def _denorm(image):
   return image * STD + MEAN
 
 
+def _dense(batch):
+  """The float32 crops and int32 labels the train step makes of a compact pipeline batch."""
+  return {k: np.asarray(v) for k, v in assemble.train_batch(batch, *assemble.normalization(MEAN, STD)).items()}
+
+
 def _take(it, n):
-  return [next(it) for _ in range(n)]
+  return [_dense(next(it)) for _ in range(n)]
 
 
 def _same(a, b):
@@ -170,6 +175,31 @@ def test_train_batches_shapes_normalization_alignment(tmp_path):
     assert np.all(b["labeled_image"] >= lo.min() - 1e-4) and np.all(b["labeled_image"] <= hi.max() + 1e-4)
   assert padded > 0  # small images and crop 40: some padding occurs
   assert agree / total > 0.8, agree / total
+
+
+def test_train_batches_ship_uint8_windows_and_compact_labels(tmp_path):
+  """The pipeline ships source pixels as uint8 (max_image_size bounds the window) and uint8 labels."""
+  c, _, _ = _pascal_config(tmp_path)
+  c.data.max_image_size = (70, 70)
+  b = next(pipeline.create_train_iterator(c, 0, 1))
+  for stream, label in (("labeled", "labeled_label"), ("unlabeled", "unlabeled_ignore")):
+    assert b[f"{stream}_window"].dtype == np.uint8 and b[f"{stream}_window"].shape == (4, 70, 70, 3)
+    assert b[f"{stream}_index"].shape == (4, 2, 2, 40) and b[f"{stream}_frac"].shape == (4, 2, 40)
+    assert b[label].dtype == np.uint8 and b[label].shape == (4, 40, 40)
+  c.data.max_image_size = (50, 80)   # some listed images are taller than 50
+  _expect(r"img_\d+\.jpg: image \d+x\d+ \(HxW\) is larger than config.data.max_image_size=\(50, 80\)", _take,
+          pipeline.create_train_iterator(c, 0, 1), 4)
+
+
+def test_pascal_ships_fewer_bytes_per_image():
+  """Pascal at crop 513: a 500 x 500 uint8 window, tables and a uint8 label per image, against
+  3.2 MB of float32 crop and 1 MB of int32 label."""
+  c = pascal_config.get_config("732")
+  p = transforms.TransformParams.from_config(c)
+  h, w = transforms.window_size(p, c.data.max_image_size)
+  compact = h * w * 3 + 2 * 2 * 513 * 4 + 2 * 513 * 4 + 513 * 513
+  assert (h, w) == (500, 500)
+  assert 4 * compact < 513 * 513 * (3 * 4 + 4)
 
 
 def test_train_alignment_when_flipped_and_rescaled(tmp_path):
@@ -300,7 +330,7 @@ def test_cityscapes_layout(tmp_path):
   c.model.num_classes = NUM_CLASSES
   c.data.crop_size, c.data.val_crop_size, c.data.num_workers = 32, 36, 0
   pipeline.check_inputs(c)
-  b = next(pipeline.create_train_iterator(c, 0, 1))
+  b = _dense(next(pipeline.create_train_iterator(c, 0, 1)))
   assert b["labeled_image"].shape == (2, 32, 32, 3)
   v = list(pipeline.create_val_iterator(c, "center", 0, 1, batch_size=2))[0]
   assert v["label"].shape == (2, 36, 36)
@@ -323,7 +353,7 @@ def test_synthetic_dataset():
   c.batch_size, c.num_slices = 4, 2
   pipeline.check_inputs(c)
   assert pipeline.steps_per_epoch(c) == 64
-  b = next(pipeline.create_train_iterator(c, 0, 1))
+  b = _dense(next(pipeline.create_train_iterator(c, 0, 1)))
   lab = b["labeled_label"]
   assert b["labeled_image"].shape == (4, 64, 64, 3) and set(np.unique(lab)) <= set(range(5)) | {255}
   assert len(pipeline.create_val_iterator(c, "center", 0, 1)) == 16
@@ -391,7 +421,7 @@ def test_unlabeled_list_optional(tmp_path):
   c, _, _ = _pascal_config(tmp_path, n_lab=4, batch=2)
   c.data.unlabeled_list = ""
   assert pipeline.steps_per_epoch(c) == 2
-  b = next(pipeline.create_train_iterator(c, 0, 1))
+  b = _dense(next(pipeline.create_train_iterator(c, 0, 1)))
   assert b["unlabeled_image"].shape == (2, 40, 40, 3)
 
 

@@ -10,6 +10,7 @@ iterator state is just the number of steps consumed.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Iterator
@@ -129,13 +130,17 @@ class _TrainRows:
   """Random access to this process's rows of the training stream from `start_step` on."""
 
   def __init__(self, splits, params, seed, n_sup, steps, batch_size, num_slices, process_index,
-               local_batch, start_step, labeled_map, unlabeled_map, with_unlabeled_labels=False):
+               local_batch, start_step, labeled_map, unlabeled_map, with_unlabeled_labels=False,
+               max_image_size=(), label_type=np.uint8):
     self.labeled, self.unlabeled, self.params = splits.labeled, splits.unlabeled, params
     self.seed, self.n_sup, self.steps = seed, n_sup, steps
     self.slice_batch, self.num_slices = batch_size // num_slices, num_slices
     self.row0, self.local_batch, self.start_step = process_index * local_batch, local_batch, start_step
     self.labeled_map, self.unlabeled_map = labeled_map, unlabeled_map
     self.with_unlabeled_labels = with_unlabeled_labels
+    self.max_image_size = tuple(max_image_size or ())
+    self.window_hw = transforms.window_size(params, self.max_image_size)
+    self.label_type = label_type
     self._perm = (None, None)
 
   def __len__(self) -> int:
@@ -157,19 +162,31 @@ class _TrainRows:
     idx = int(self._permutation(epoch)[pos % self.n_sup])
     return epoch, pos, int(self.labeled_map[idx]), int(self.unlabeled_map[idx])
 
+  def _load(self, split, i: int, with_label: bool):
+    image, label = split.load(i, with_label=with_label)
+    limit = self.max_image_size
+    if limit and (image.shape[0] > limit[0] or image.shape[1] > limit[1]):
+      where = split.images[i] if hasattr(split, "images") else split.name(i)
+      raise DataError(f"{where}: image {image.shape[0]}x{image.shape[1]} (HxW) is larger than "
+                      f"config.data.max_image_size={tuple(limit)}; raise it")
+    return image, label
+
   def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    """Row k in the compact form transforms.train_window ships (data/assemble.py finishes it)."""
     epoch, pos, lab, unl = self.indices(k)
-    image, label = self.labeled.load(lab, with_label=True)
-    rng = np.random.default_rng([self.seed, _LABELED, epoch, pos])
-    l_image, l_label = transforms.train_transform(image, label, rng, self.params)
-    image, u_label = self.unlabeled.load(unl, with_label=self.with_unlabeled_labels)
-    rng = np.random.default_rng([self.seed, _UNLABELED, epoch, pos])
-    u_image, u_ignore = transforms.train_transform(image, None, rng, self.params)
-    row = {"labeled_image": l_image, "labeled_label": l_label,
-           "unlabeled_image": u_image, "unlabeled_ignore": u_ignore}
+    window = functools.partial(transforms.train_window, p=self.params, window_hw=self.window_hw,
+                               label_type=self.label_type)
+    row = {}
+    image, label = self._load(self.labeled, lab, with_label=True)
+    for key, value in window(image, label, np.random.default_rng([self.seed, _LABELED, epoch, pos])).items():
+      row[f"labeled_{key}"] = value
+    image, u_label = self._load(self.unlabeled, unl, with_label=self.with_unlabeled_labels)
+    unlabeled = window(image, None, np.random.default_rng([self.seed, _UNLABELED, epoch, pos]))
+    unlabeled["ignore"] = unlabeled.pop("label")
+    for key, value in unlabeled.items():
+      row[f"unlabeled_{key}"] = value
     if self.with_unlabeled_labels:  # the same draws, so the label lines up with the image
-      row["unlabeled_label"] = transforms.train_transform(
-          image, u_label, np.random.default_rng([self.seed, _UNLABELED, epoch, pos]), self.params)[1]
+      row["unlabeled_label"] = window(image, u_label, np.random.default_rng([self.seed, _UNLABELED, epoch, pos]))["label"]
     return row
 
 
@@ -248,7 +265,9 @@ class TrainIterator:
     return _TrainRows(self._splits, self._params, int(c.seed), self.n_sup, self.steps_per_epoch,
                       int(c.batch_size), int(c.num_slices), self.process_index, self.local_batch,
                       start_step, self._labeled_map, self._unlabeled_map,
-                      with_unlabeled_labels=c.loss.pseudo_labels == "ground_truth")
+                      with_unlabeled_labels=c.loss.pseudo_labels == "ground_truth",
+                      max_image_size=tuple(c.data.get("max_image_size", ()) or ()),
+                      label_type=transforms.label_dtype(int(c.model.num_classes), int(c.data.ignore_label)))
 
   def _start(self):
     self._it = _grain_iter(self._rows(self.step), self.local_batch, self._workers,
@@ -299,10 +318,13 @@ def create_train_iterator(config, process_index: int | None = None,
                           process_count: int | None = None) -> TrainIterator:
   """The training batches of this process: a dict of numpy arrays per step, forever.
 
-  Keys: 'labeled_image' float32 [b, crop, crop, 3], 'labeled_label' int32 [b, crop, crop],
-  'unlabeled_image' float32 [b, crop, crop, 3], 'unlabeled_ignore' int32 [b, crop, crop]
-  (255 on padding), with b = batch_size // process_count, rows [p * b, (p + 1) * b) of the
-  global batch; with config.loss.pseudo_labels='ground_truth' also 'unlabeled_label' int32.
+  Rows [p * b, (p + 1) * b) of the global batch, b = batch_size // process_count, in the compact
+  form of transforms.train_window, which the train step turns into float32 crops on the device
+  (data/assemble.train_batch): for each of 'labeled' and 'unlabeled', '<stream>_window' uint8
+  [b, Wh, Ww, 3] (source pixels), '<stream>_index' int32 [b, 2, 2, crop] and '<stream>_frac'
+  float32 [b, 2, crop] (bilinear tables); 'labeled_label' and 'unlabeled_ignore' (255 on padding)
+  [b, crop, crop] in uint8 (int32 where class ids or the ignore label exceed 255); with
+  config.loss.pseudo_labels='ground_truth' also 'unlabeled_label'.
   """
   p, n = _process(process_index, process_count)
   return TrainIterator(config, p, n)

@@ -85,36 +85,118 @@ def _draw(rng: np.random.Generator, h: int, w: int, p: TransformParams):
   return nh, nw, flip, pad_h // 2, pad_w // 2, y0, x0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Crop:
+  """One random crop in resized (and flipped) coordinates: the resized image's rows and columns
+  the crop keeps, in crop order, and where they land in the crop."""
+  h: int
+  w: int
+  nh: int
+  nw: int
+  rows: np.ndarray
+  cols: np.ndarray
+  oy: int
+  ox: int
+
+
+def _plan_crop(h: int, w: int, rng: np.random.Generator, p: TransformParams) -> _Crop:
+  c = p.crop_size
+  nh, nw, flip, top, left, y0, x0 = _draw(rng, h, w, p)
+  # The crop window in resized (and flipped) coordinates, clipped to the resized image.
+  ra, rb = max(y0 - top, 0), min(y0 - top + c, nh)
+  ca, cb = max(x0 - left, 0), min(x0 - left + c, nw)
+  cols = np.arange(ca, cb)
+  if flip:
+    cols = nw - 1 - cols
+  return _Crop(h, w, nh, nw, np.arange(ra, rb), cols, ra - (y0 - top), ca - (x0 - left))
+
+
+def _crop_label(label: np.ndarray | None, crop: _Crop, p: TransformParams, dtype) -> np.ndarray:
+  """The label crop (legacy nearest), or without a label the unlabeled ignore mask (255 on padding)."""
+  c = p.crop_size
+  out = np.full((c, c), p.ignore_label, dtype)
+  rows, cols = crop.rows, crop.cols
+  if rows.size and cols.size:
+    region = (slice(crop.oy, crop.oy + rows.size), slice(crop.ox, crop.ox + cols.size))
+    if label is None:
+      out[region] = 0
+    else:
+      iy = ops.legacy_nearest_indices(crop.h, crop.nh)[rows]
+      ix = ops.legacy_nearest_indices(crop.w, crop.nw)[cols]
+      out[region] = label[iy][:, ix]
+  return out
+
+
 def train_transform(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
                     p: TransformParams):
   """uint8 image [H, W, 3], label [H, W] or None -> (float32 [c, c, 3], int32 [c, c]).
 
   Without a label the second output is the unlabeled ignore mask: 255 on padding, 0 elsewhere.
+  The pipeline ships `train_window`'s compact form instead; data/assemble.py turns it into
+  exactly these values on the device.
   """
   h, w = image.shape[:2]
   c = p.crop_size
-  x = normalize(image, p.mean, p.std)
-  nh, nw, flip, top, left, y0, x0 = _draw(rng, h, w, p)
-  # The crop window in resized (and flipped) coordinates, clipped to the resized image.
-  ra, rb = max(y0 - top, 0), min(y0 - top + c, nh)
-  ca, cb = max(x0 - left, 0), min(x0 - left + c, nw)
-  oy, ox = ra - (y0 - top), ca - (x0 - left)
-  rows = np.arange(ra, rb)
-  cols = np.arange(ca, cb)
-  if flip:
-    cols = nw - 1 - cols
+  crop = _plan_crop(h, w, rng, p)
   out_image = np.zeros((c, c, 3), np.float32)
-  out_label = np.full((c, c), p.ignore_label, np.int32)
+  rows, cols = crop.rows, crop.cols
   if rows.size and cols.size:
-    out_image[oy:oy + rows.size, ox:ox + cols.size] = _bilinear_rows_cols(
-        x, *_sub(bilinear_indices(h, nh), rows), *_sub(bilinear_indices(w, nw), cols))
-    if label is None:
-      out_label[oy:oy + rows.size, ox:ox + cols.size] = 0
-    else:
-      iy = ops.legacy_nearest_indices(h, nh)[rows]
-      ix = ops.legacy_nearest_indices(w, nw)[cols]
-      out_label[oy:oy + rows.size, ox:ox + cols.size] = label[iy][:, ix]
-  return out_image, out_label
+    x = normalize(image, p.mean, p.std)
+    out_image[crop.oy:crop.oy + rows.size, crop.ox:crop.ox + cols.size] = _bilinear_rows_cols(
+        x, *_sub(bilinear_indices(h, crop.nh), rows), *_sub(bilinear_indices(w, crop.nw), cols))
+  return out_image, _crop_label(label, crop, p, np.int32)
+
+
+def window_size(p: TransformParams, max_image_size=None) -> tuple[int, int]:
+  """Static (height, width) of `train_window`'s source window: the most source rows and columns
+  one crop can read. A crop of c rows of an image shrunk by s reads at most c / s + 2 source rows
+  (bilinear reads two neighbours), and never more than the image has: `max_image_size` (h, w)
+  bounds it when the dataset's largest image is known (Pascal: 500 x 500)."""
+  s_min = min(float(p.rescale_range[0]), 1.0)
+  bound = int(np.ceil((p.crop_size + 1) / s_min)) + 2
+  if not max_image_size:
+    return bound, bound
+  return min(bound, int(max_image_size[0])), min(bound, int(max_image_size[1]))
+
+
+def label_dtype(num_classes: int, ignore_label: int):
+  """The smallest integer type shipping class ids and the ignore label: uint8 for Pascal and Cityscapes."""
+  return np.uint8 if max(num_classes - 1, ignore_label) <= 255 and ignore_label >= 0 else np.int32
+
+
+def train_window(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, p: TransformParams,
+                 window_hw: tuple[int, int], label_type=np.uint8) -> dict[str, np.ndarray]:
+  """`train_transform`'s random crop in the compact form the pipeline ships (same draws from `rng`).
+
+  Returns 'window' uint8 [Wh, Ww, 3]: the source pixels the crop reads (top-left aligned, zeros
+  after); 'index' int32 [2, 2, c]: for the crop's rows then columns, the window row/column of the
+  bilinear's low and high neighbour, -1 where the crop is padding; 'frac' float32 [2, c]: the
+  high neighbour's weight; 'label' [c, c] of `label_type`: the label crop, or the ignore mask.
+  data/assemble.py computes the float32 crop from these on the device. ValueError if the crop
+  reads more than `window_hw` (see window_size).
+  """
+  h, w = image.shape[:2]
+  c = p.crop_size
+  crop = _plan_crop(h, w, rng, p)
+  index = np.full((2, 2, c), -1, np.int32)
+  frac = np.zeros((2, c), np.float32)
+  window = np.zeros(tuple(window_hw) + (3,), np.uint8)
+  if crop.rows.size and crop.cols.size:
+    spans = []
+    for axis, (sel, size, new, offset) in enumerate(((crop.rows, h, crop.nh, crop.oy),
+                                                     (crop.cols, w, crop.nw, crop.ox))):
+      lo, hi, f = _sub(bilinear_indices(size, new), sel)
+      start, stop = int(min(lo.min(), hi.min())), int(max(lo.max(), hi.max())) + 1
+      if stop - start > window_hw[axis]:
+        raise ValueError(f"a crop reads {stop - start} source {('rows', 'columns')[axis]}, more than the "
+                         f"window's {window_hw[axis]}")
+      place = slice(offset, offset + sel.size)
+      index[axis, 0, place], index[axis, 1, place] = lo - start, hi - start
+      frac[axis, place] = f
+      spans.append((start, stop))
+    (y0, y1), (x0, x1) = spans
+    window[:y1 - y0, :x1 - x0] = image[y0:y1, x0:x1]
+  return {"window": window, "index": index, "frac": frac, "label": _crop_label(label, crop, p, label_type)}
 
 
 def center_transform(image: np.ndarray, label: np.ndarray | None, p: TransformParams):

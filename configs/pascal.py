@@ -1,6 +1,8 @@
 """Pascal VOC 2012 + SBD, the published DGCL recipe (REFERENCE.md section 3).
 
 Use: --config=configs/pascal.py:732 (splits 92, 183, 366, 732, 1464, 662, 1323, 2646, 5291).
+DGCL on DINOv2 (UniMatch V2's DPT network and optimizer; README, DGCL on DINOv2): append
+',dinov2_small', ',dinov2_base' or ',dinov2_large', e.g. --config=configs/pascal.py:732,dinov2_small.
 """
 
 import os
@@ -12,9 +14,14 @@ _SPLIT_DIR = os.path.join(os.path.dirname(config_base.__file__), "splits", "pasc
 
 
 def get_config(arg: str = "732"):
-  split = str(arg or "732")
+  parts = [p for p in str(arg or "732").split(",") if p]
+  split = parts[0] if parts else "732"
+  variants = parts[1:]
   if split not in SPLITS:
     raise ValueError(f"configs/pascal.py: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+  if len(variants) > 1 or (variants and variants[0] not in config_base.DINOV2_VARIANTS):
+    raise ValueError(f"configs/pascal.py: unknown variant {','.join(variants)!r}; expected one of "
+                     f"{', '.join(config_base.DINOV2_VARIANTS)}")
   config = config_base.base_config()
   config.method = "dgcl"
   config.num_epochs = 80
@@ -42,10 +49,26 @@ def get_config(arg: str = "732"):
   d.unlabeled_list = os.path.join(_SPLIT_DIR, split, "unlabeled.txt")
   d.val_list = os.path.join(_SPLIT_DIR, "val.txt")
   d.crop_size = 513
+  d.max_image_size = (500, 500)   # VOC images are at most 500 px a side: bounds the uint8 window shipped per crop
   d.val_crop_size = 513
   d.class_names = config_base.PASCAL_CLASSES
 
   config.optim.base_lr = 0.001
   config.optim.decoder_lr_mult = 10.0
   config.loss.ohem = False
+  if variants:
+    _dinov2(config, variants[0])
   return config
+
+
+def _dinov2(config, variant):
+  """UniMatch V2's Pascal setting for its DPT (configs/pascal.yaml there): crop 518, 4 GPUs x (4 + 4),
+  60 epochs, AdamW lr 5e-6 / x40 (config_base.use_dinov2_dpt). Ours: the sup-only first epoch, DGCL's
+  EMA and contrastive settings, the in-training evaluation on centre-padded 518 crops (UniMatch V2
+  resizes the whole image to the nearest multiple of 14)."""
+  config_base.use_dinov2_dpt(config, variant)
+  config.num_epochs = 60
+  config.batch_size = 16        # 4 devices x 4 in UniMatch V2, as in DGCL
+  config.num_slices = 4
+  config.data.crop_size = 518   # 37 x 37 patches: the DINOv2 positional embedding's own grid
+  config.data.val_crop_size = 518

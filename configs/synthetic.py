@@ -2,13 +2,20 @@
 
 Use: python -m dgcl_jax.main --config=configs/synthetic.py --workdir=/tmp/dgcl_synth
 Variants: --config=configs/synthetic.py:self_training (or supervised, dgcl).
+DGCL on a small DINOv2-style ViT with UniMatch V2's DPT head (ours: a 4-block, 48-wide ViT from
+scratch, AdamW): --config=configs/synthetic.py:dpt, or dpt,self_training / dpt,supervised.
 """
 
 from dgcl_jax import config_base
 
 
 def get_config(arg: str = "dgcl"):
-  method = str(arg or "dgcl")
+  parts = [p for p in str(arg or "dgcl").split(",") if p]
+  dpt = "dpt" in parts
+  methods = [p for p in parts if p != "dpt"]
+  if len(methods) > 1:
+    raise ValueError(f"configs/synthetic.py: {arg!r} names more than one method")
+  method = methods[0] if methods else "dgcl"
   config = config_base.base_config()
   config.method = method
   config.seed = 0
@@ -53,4 +60,21 @@ def get_config(arg: str = "dgcl"):
   g.num_anchors = 50
   g.num_positives = 20
   g.num_negatives = 128
+  if dpt:
+    _dpt(config)
   return config
+
+
+def _dpt(config):
+  """The DINOv2 ViT + DPT network at toy size (all values ours): model.vit='tiny' (48 wide, 4 blocks,
+  2 heads, every block feeds the head; DPT features 16), 56-pixel images (4 x 4 patches of 14; pred
+  and fts at 32 x 32), from scratch with AdamW (UniMatch V2's optimizer, lr and weight decay ours)."""
+  m = config.model
+  m.arch = "dpt"
+  m.vit = "tiny"
+  m.rep_dim = 32
+  m.pretrained = ""
+  d = config.data
+  d.crop_size = d.val_crop_size = d.synthetic_image_size = 56
+  o = config.optim
+  o.name, o.base_lr, o.decoder_lr_mult, o.weight_decay = "adamw", 3e-3, 1.0, 0.01

@@ -42,11 +42,18 @@ class ConfigMismatchError(CheckpointError):
   """The checkpoint's arrays do not have the shapes the config gives (another network or bank)."""
 
 
-def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: str, keep: int, name: str, read_only: bool = False) -> ocp.CheckpointManager:
+  """name: the prefix of the manager's multi-process barrier keys. Orbax names a save's barriers
+  after its step folder only ('async_write_complete.3' for checkpoints/3 and checkpoints/best/3
+  alike): the latest and the best managers save the same step at an evaluation, and without their
+  own prefixes the second save's barrier collides with the first's while that one is still open
+  ("Barrier ... is already ongoing" on one process, a timeout on the others)."""
   # Read-only: the options orbax would otherwise reset with a warning each.
   options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
                                          read_only=read_only, save_interval_steps=0 if read_only else 1,
-                                         enable_async_checkpointing=not read_only)
+                                         enable_async_checkpointing=not read_only,
+                                         multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                             barrier_sync_key_prefix=f"dgcl_{name}"))
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
@@ -118,14 +125,15 @@ class Checkpointer:
     if read_only:
       if not os.path.isdir(self.directory):
         raise FileNotFoundError(f"no checkpoints in {workdir}: {self.directory} does not exist")
-      self.latest = _manager(self.directory, keep, read_only=True)
-      self.best = _manager(self.best_directory, 1, read_only=True) if os.path.isdir(self.best_directory) else None
+      self.latest = _manager(self.directory, keep, "latest", read_only=True)
+      self.best = (_manager(self.best_directory, 1, "best", read_only=True)
+                   if os.path.isdir(self.best_directory) else None)
     else:
       if jax.process_index() == 0:
         remove_stale_temporaries(self.directory)
         remove_stale_temporaries(self.best_directory)
-      self.latest = _manager(self.directory, keep)
-      self.best = _manager(self.best_directory, 1)
+      self.latest = _manager(self.directory, keep, "latest")
+      self.best = _manager(self.best_directory, 1, "best")
 
   def save(self, step: int, state, meta: dict[str, Any], data_state: Any) -> None:
     self.latest.save(step, force=True, args=ocp.args.Composite(

@@ -20,8 +20,16 @@ CITYSCAPES_CLASSES = (
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """DeepLabV3+ on a deep-stem ResNet (REFERENCE.md section 1); Pascal defaults."""
+  """DeepLabV3+ on a deep-stem ResNet (REFERENCE.md section 1), Pascal defaults; or, with
+  arch = "dpt", UniMatch V2's DPT on a DINOv2 ViT/14 (models/dpt.py)."""
   m = ml_collections.ConfigDict()
+  m.arch = "deeplabv3plus"      # deeplabv3plus (ResNet; the fields up to `aux` below) | dpt (DINOv2 ViT + DPT
+                                # head: vit, dpt_*, rep_dim; image sides multiples of 14; no aux, no dropout)
+  m.vit = "small"               # dpt: small (384 wide, 12 blocks, 6 heads) | base (768, 12, 12) | large (1024,
+                                # 24, 16), patch 14; tiny (48, 4, 2) is ours, for tests
+  m.dpt_features = 0            # dpt: the head's width (= fts dim); 0: UniMatch V2's per size, 64/128/256 (tiny 16)
+  m.dpt_out_channels = ()       # dpt: projections of the 4 ViT layers; (): UniMatch V2's per size, e.g.
+                                # (48, 96, 192, 384) for small
   m.depth = 101                 # 50, 101, or 14 (the small test variant: one block per stage)
   m.base_width = 64             # stage widths base x (1, 2, 4, 8); stem 64/64/128 scale with it
   m.num_classes = 21
@@ -77,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.crop_size = 513
   d.val_crop_size = 513
   d.rescale_range = (0.5, 2.0)
+  d.max_image_size = ()         # (H, W) of the largest training image, if known: bounds the uint8 window shipped per crop
   d.mean = (123.675, 116.28, 103.53)
   d.std = (58.395, 57.12, 57.375)
   d.num_workers = -1            # -1: sized to the machine; 0: read in the main process
@@ -102,10 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic_image_size = 64
 
   o = c.optim = ml_collections.ConfigDict()
-  o.base_lr = 0.001
-  o.decoder_lr_mult = 10.0      # Pascal only; 1 for Cityscapes
-  o.momentum = 0.9
+  o.name = "sgd"                # sgd (DGCL's: momentum, weight decay added to the gradient) | adamw (UniMatch
+                                #    V2's for the DINOv2 DPT: decoupled weight decay, betas, eps)
+  o.base_lr = 0.001             # the backbone's learning rate
+  o.decoder_lr_mult = 10.0      # every other parameter's lr = base_lr x this (Pascal 10, Cityscapes 1; dpt 40)
+  o.momentum = 0.9              # sgd
   o.weight_decay = 1e-4
+  o.betas = (0.9, 0.999)        # adamw
+  o.eps = 1e-8                  # adamw
   o.poly_power = 0.9
   o.loss_scale_init = 2.0 ** 16         # dynamic loss scaling of a float16 student (GradScaler's defaults)
   o.loss_scale_growth_interval = 2000   # finite steps in a row before the scale doubles
@@ -156,6 +169,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _METHODS = ("supervised", "self_training", "dgcl")
+_ARCHS = ("deeplabv3plus", "dpt")
+_VIT_SIZES = ("small", "base", "large", "tiny")
+_OPTIMIZERS = ("sgd", "adamw")
+PATCH = 14                      # the DINOv2 ViT's patch side (models/vit.py)
 _DATASETS = ("pascal", "cityscapes", "custom", "tfds", "synthetic")
 
 
@@ -191,7 +208,9 @@ def _check_keys(cfg, ref, prefix=""):
 _SEQUENCES = {
     "model.replace_stride_with_dilation": (bool, 3, False), "model.aspp_dilations": (int, 3, True),
     "data.rescale_range": (float, 2, True), "data.mean": (float, 3, False), "data.std": (float, 3, True),
+    "data.max_image_size": (int, 0, True),
     "dgcl.ks": (int, None, True), "dgcl.ignore_classes": (int, 0, False),
+    "model.dpt_out_channels": (int, 0, True), "optim.betas": (float, 2, False),
 }
 
 
@@ -234,6 +253,9 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   """Raises ConfigError with one line naming the field if `config` cannot run."""
   _check_keys(config, base_config())
   _check_sequences(config)
+  if len(config.data.max_image_size) not in (0, 2):
+    raise ConfigError(f"config.data.max_image_size={tuple(config.data.max_image_size)!r}: expected () or "
+                      "(height, width) of the largest training image")
   if config.method not in _METHODS:
     raise ConfigError(f"config.method={config.method!r}: expected one of {_METHODS}")
   if config.data.name not in _DATASETS:
@@ -267,8 +289,18 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   if config.sup_only_epochs > config.num_epochs:
     raise ConfigError(f"config.sup_only_epochs={config.sup_only_epochs} exceeds config.num_epochs={config.num_epochs}")
   check_batch_split(config, num_devices, num_processes)
-  if config.model.depth not in (14, 50, 101):
+  if config.model.arch not in _ARCHS:
+    raise ConfigError(f"config.model.arch={config.model.arch!r}: expected one of {_ARCHS}")
+  if config.model.arch == "dpt":
+    _validate_dpt(config)
+  elif config.model.depth not in (14, 50, 101):
     raise ConfigError(f"config.model.depth={config.model.depth}: expected 14, 50 or 101")
+  if config.optim.name not in _OPTIMIZERS:
+    raise ConfigError(f"config.optim.name={config.optim.name!r}: expected one of {_OPTIMIZERS}")
+  if not all(0.0 <= b < 1.0 for b in config.optim.betas):
+    raise ConfigError(f"config.optim.betas={tuple(config.optim.betas)}: each must lie in [0, 1)")
+  if not config.optim.eps > 0:
+    raise ConfigError(f"config.optim.eps={config.optim.eps}: must be positive")
   if config.evaluation.mode not in ("center", "sliding"):
     raise ConfigError(f"config.evaluation.mode={config.evaluation.mode!r}: expected center or sliding")
   if config.evaluation.model not in ("auto", "teacher", "student"):
@@ -292,6 +324,59 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ConfigError(f"config.dgcl.ks={tuple(config.dgcl.ks)}: largest k exceeds dgcl.bank_capacity")
 
 
+def _validate_dpt(config) -> None:
+  """model.arch = "dpt": the ViT size, the head's widths, no aux head, crops in whole 14-pixel patches."""
+  m = config.model
+  if m.vit not in _VIT_SIZES:
+    raise ConfigError(f"config.model.vit={m.vit!r}: expected one of {_VIT_SIZES}")
+  if not isinstance(m.dpt_features, int) or isinstance(m.dpt_features, bool) or m.dpt_features < 0:
+    raise ConfigError(f"config.model.dpt_features={m.dpt_features!r}: expected a non-negative int (0: per ViT size)")
+  if len(m.dpt_out_channels) not in (0, 4):
+    raise ConfigError(f"config.model.dpt_out_channels={tuple(m.dpt_out_channels)}: expected 4 values (one per "
+                      "ViT layer the head reads) or () for the per-size default")
+  if m.aux:
+    raise ConfigError("config.model.aux=True: the auxiliary head (ResNet stage 3) has no DPT counterpart; "
+                      "set it False with model.arch='dpt'")
+  for name in ("crop_size", "val_crop_size"):
+    value = config.data[name]
+    if value % PATCH:
+      lower = max(PATCH, value // PATCH * PATCH)
+      raise ConfigError(f"config.data.{name}={value}: model.arch='dpt' needs a multiple of the ViT's {PATCH}-pixel "
+                        f"patch (e.g. {lower} or {lower + PATCH})")
+
+
+DINOV2_VARIANTS = ("dinov2_small", "dinov2_base", "dinov2_large")
+
+
+def use_dinov2_dpt(config, variant: str) -> None:
+  """Turns a DGCL recipe into DGCL on UniMatch V2's segmentation network (README, DGCL on DINOv2):
+  a DINOv2 ViT/14 of `variant`'s size ("dinov2_small" | "dinov2_base" | "dinov2_large") with its DPT
+  head, trained as UniMatch V2 trains it: AdamW (betas 0.9 / 0.999, weight decay 0.01), backbone lr
+  5e-6 and head lr x40, poly 0.9; the pretrained backbone from pretrained/<variant> (a converted
+  DINOv2 release checkpoint). Crops, batch, epochs and OHEM are the dataset config's to set; the
+  teacher, EMA and DGCL settings stay DGCL's."""
+  if variant not in DINOV2_VARIANTS:
+    raise ConfigError(f"unknown DINOv2 variant {variant!r}: expected one of {', '.join(DINOV2_VARIANTS)}")
+  m = config.model
+  m.arch = "dpt"
+  m.vit = variant.split("_", 1)[1]
+  m.dpt_features, m.dpt_out_channels = 0, ()   # UniMatch V2's per-size widths (models/dpt.py)
+  m.aux = False                                # no DPT counterpart
+  m.pretrained = f"pretrained/{variant}"       # convert_torch_checkpoint.py --input dinov2_vit?14_pretrain.pth
+  o = config.optim
+  o.name, o.base_lr, o.decoder_lr_mult = "adamw", 5e-6, 40.0
+  o.betas, o.eps, o.weight_decay, o.poly_power = (0.9, 0.999), 1e-8, 0.01, 0.9
+
+
+def pretrained_source(config) -> tuple[str, str]:
+  """(what, torch file) config.model.pretrained is converted from, for messages: ('the ImageNet
+  backbone', 'resnet101.pth') or, for model.arch='dpt', ('the DINOv2 backbone', 'dinov2_vits14_pretrain.pth')."""
+  if config.model.get("arch", "deeplabv3plus") == "dpt":
+    letter = {"small": "s", "base": "b", "large": "l"}.get(config.model.vit, "s")
+    return "the DINOv2 backbone", f"dinov2_vit{letter}14_pretrain.pth"
+  return "the ImageNet backbone", "resnet101.pth"
+
+
 # ----------------------------------------------------------------------------- run identity
 
 
@@ -307,6 +392,7 @@ FREE_FIELDS = frozenset({
     "image_summary_every_steps", "num_eval_images_logged", "evaluation.mode", "evaluation.model",
     "model.pretrained", "model.remat", "compilation_cache_dir",
     "data.root", "data.tfds_data_dir", "data.num_workers", "data.prefetch_buffer_size", "data.class_names",
+    "data.max_image_size",
 })
 # Split lists: the same ids under another path (a moved checkout) are the same run.
 _LIST_FIELDS = frozenset({"data.labeled_list", "data.unlabeled_list", "data.val_list"})

@@ -136,9 +136,27 @@ def variable_shapes(model_config):
   key = repr(sorted(model_config.items()))
   if key not in _TEMPLATES:
     module = models.build(model_config)
-    _TEMPLATES[key] = jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32), train=False))
+    _TEMPLATES[key] = jax.eval_shape(lambda: models.init_variables(module, jax.random.PRNGKey(0)))
   return _TEMPLATES[key]
+
+
+def _is_dpt(model_config) -> bool:
+  return model_config.get("arch", "deeplabv3plus") == "dpt"
+
+
+def _convert_dpt(state_dict, model_config, init_variables=None, rng=None):
+  """convert_state_dict for model.arch='dpt' (convert_vit.py): a DINOv2 release checkpoint gives the
+  'backbone' params alone; a UniMatch V2 model gives every variable, DGCL's rep head (which it lacks)
+  from `init_variables`, else initialized from `rng` (default PRNGKey(0))."""
+  from dgcl_jax import convert_vit  # pylint: disable=g-import-not-at-top
+  converted, unimatch = convert_vit.convert_vit_state_dict(state_dict, variable_shapes(model_config))
+  if not unimatch:
+    return traverse_util.unflatten_dict({("params",) + path: value for path, value in converted.items()}), False
+  if init_variables is None:
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    init_variables = models.init_variables(models.build(model_config), rng)
+  variables = convert_vit.from_torch_vit(state_dict, init_variables)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}, True
 
 
 def _template(model_config):
@@ -173,8 +191,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config):
   """Converts the tensors only: ({'params': ..., 'batch_stats': ...} of the parts present, full).
 
   `full` is True for a full reference model ('encoder.'/'decoder.'/'auxor.' keys), in which case
-  every variable of the module is returned; else only the 'backbone' subtrees.
+  every variable of the module is returned; else only the 'backbone' subtrees. With
+  model_config.arch='dpt' the state dict is a DINOv2 release checkpoint (backbone only) or a UniMatch
+  V2 model (full; DGCL's rep head, which it lacks, initialized from PRNGKey(0)): convert_vit.py.
   """
+  if _is_dpt(model_config):
+    return _convert_dpt(state_dict, model_config)
   sd = _clean(state_dict)
   full = any(k.startswith(("encoder.", "decoder.", "auxor.")) for k in sd)
   template = _template(model_config)
@@ -226,8 +248,17 @@ def from_torch(state_dict: Mapping[str, Any], model_config, init_variables=None,
 
   A full reference model fills every variable. A backbone-only file fills 'backbone'; the decoder
   (and aux head) keep `init_variables` if given, else are initialized from `rng`
-  (default jax.random.PRNGKey(0)). Raises ConversionError on any mismatch.
+  (default jax.random.PRNGKey(0)). Raises ConversionError on any mismatch. model_config.arch='dpt':
+  a DINOv2 release checkpoint fills the backbone, a UniMatch V2 model everything but DGCL's rep head.
   """
+  if _is_dpt(model_config):
+    converted, full = _convert_dpt(state_dict, model_config, init_variables, rng)
+    if full:
+      return converted
+    if init_variables is None:
+      rng = jax.random.PRNGKey(0) if rng is None else rng
+      init_variables = models.init_variables(models.build(model_config), rng)
+    return merge_variables(init_variables, converted)
   converted, full = convert_state_dict(state_dict, model_config)
   if full:
     return converted

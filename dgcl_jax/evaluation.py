@@ -88,7 +88,16 @@ class Predictor:
     return logits[:, top:top + h, left:left + w]
 
   def center(self, image: np.ndarray) -> jax.Array:
-    return self._logits(image, image.shape[1:3])
+    """The whole image in one forward. A network that needs sides in whole patches (the DPT's 14)
+    gets the image resized to the nearest multiples (bilinear, align_corners=True) and its logits
+    resized back, as UniMatch V2's evaluation does; other networks see the image as it is."""
+    from dgcl_jax import models  # pylint: disable=g-import-not-at-top
+    multiple = models.input_multiple(self.module)
+    h, w = image.shape[1:3]
+    size = (max(multiple, int(h / multiple + 0.5) * multiple), max(multiple, int(w / multiple + 0.5) * multiple))
+    if multiple > 1 and size != (h, w):
+      image = ops.resize_bilinear_align_corners(jnp.asarray(image), size)
+    return self._logits(image, (h, w))
 
   def predict(self, image: np.ndarray, mode: str = "sliding", scales=(1.0,), flip: bool = False) -> jax.Array:
     """Summed logits [1, H, W, K] over scales (and horizontal flips) at the image's size."""

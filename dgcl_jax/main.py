@@ -4,8 +4,8 @@ Multi-host: start one process per host with --coordinator_address=HOST:PORT --nu
 --process_id=I (or set them up through your cluster's environment, which jax.distributed reads).
 
 Every expected failure (a bad flag or config value, a config that differs from the run's own,
-bad data, a non-finite loss, a full disk or unusable workdir) ends with one line
-`error: ...` on stderr and exit status 1 (2 for flags); Ctrl-C and SIGTERM save and exit 0.
+bad data, a non-finite loss, a full disk, an unusable workdir or one another run holds) ends
+with one line `error: ...` on stderr and exit status 1 (2 for flags); Ctrl-C and SIGTERM save and exit 0.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The run directory: is it usable, whose run it holds (config.json), what a new run needs
-before it starts, and how a failure to write there is reported."""
+before it starts, who may write there (the run's lock), and how a failure to write there is reported."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import time
 from typing import Any
 
 from absl import logging
@@ -12,6 +16,109 @@ import jax
 
 from dgcl_jax import config_base
 from dgcl_jax import errors
+
+
+LOCK_NAME = ".lock"
+# flock's errors on a file system that has no lock support (some NFS and Lustre mounts, FUSE).
+_NO_LOCK_SUPPORT = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+class WorkdirLock:
+  """An exclusive flock on <workdir>/.lock held until release() or the process's death (the kernel
+  drops it then, so kill -9 leaves nothing stale). The file names the holder: pid, host, start time."""
+
+  def __init__(self, path: str, fd: int | None):
+    self.path, self._fd = path, fd
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  @classmethod
+  def acquire(cls, workdir: str) -> "WorkdirLock":
+    """Creates `workdir` if needed and locks it. WorkdirLockedError (one line naming the holder, nothing
+    written) if another process holds it; RunEnvironmentError if the workdir cannot be used. Where the
+    file system has no locks: one warning, and a WorkdirLock that holds nothing."""
+    path = os.path.join(workdir, LOCK_NAME)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's record stays intact
+    except OSError as e:
+      raise errors.RunEnvironmentError(f"--workdir={workdir} cannot be used: {errors.os_reason(e)}") from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = _read_holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+      os.close(fd)
+      if holder is not None:
+        raise errors.WorkdirLockedError(
+            f"--workdir={workdir} is in use by another training run ({holder}); wait for it to end or stop it, "
+            "or use another --workdir") from None
+      if e.errno in _NO_LOCK_SUPPORT:
+        logging.warning("Cannot lock %s (%s: the file system has no lock support): continuing WITHOUT protection "
+                        "against a second run in this workdir.", path, e.strerror or e)
+        return cls(path, None)
+      raise errors.RunEnvironmentError(f"--workdir={workdir} cannot be locked: {errors.os_reason(e)}") from None
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}) + "\n"
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, record.encode(), 0)
+    except OSError as e:
+      os.close(fd)
+      raise errors.RunEnvironmentError(f"--workdir={workdir} cannot be used: cannot write {path}: "
+                                       f"{e.strerror or type(e).__name__}") from None
+    return cls(path, fd)
+
+  def release(self) -> None:
+    """Empties the record and unlocks (a no-op if nothing is held)."""
+    if self._fd is None:
+      return
+    fd, self._fd = self._fd, None
+    try:
+      os.ftruncate(fd, 0)
+    except OSError:
+      pass  # the record of a finished run is harmless: the lock itself is what counts
+    os.close(fd)  # drops the flock
+
+
+def _read_holder(fd: int) -> str:
+  """'pid 123 on host h, started 2026-12-03 10:00:00 +0000' from a held lock file's record."""
+  text = ""
+  for _ in range(20):  # the holder writes its record just after locking: give it a moment
+    try:
+      text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+      break
+    if text:
+      break
+    time.sleep(0.05)
+  try:
+    record = json.loads(text)
+    return f"pid {record['pid']} on host {record['host']}, started {record['started']}"
+  except (ValueError, KeyError, TypeError):
+    return f"holder record {text[:200]!r}" if text else "its holder has not recorded itself yet"
+
+
+def lock_workdir(workdir: str) -> WorkdirLock | None:
+  """Process 0 takes the workdir's lock (processes of one run may share a host); in a multi-process
+  run every process learns whether it did, so all of them stop together. None on other processes."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock.acquire(workdir)
+    except errors.RunEnvironmentError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if refused and error is None:
+      error = errors.RunEnvironmentError(f"--workdir={workdir}: process 0 of this run could not lock it (its "
+                                         "error says why)")
+  if error is not None:
+    raise error
+  return lock
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -137,9 +244,10 @@ def check_pretrained(config) -> None:
                       "results start from an ImageNet-pretrained one).", config.model.pretrained)
     return
   if not os.path.isdir(path):
+    what, source = config_base.pretrained_source(config)   # resnet101.pth, or a DINOv2 release for arch 'dpt'
     raise config_base.ConfigError(
-        f"config.model.pretrained={path!r}: no such directory. Convert the ImageNet backbone once with "
-        f"`python scripts/convert_torch_checkpoint.py --input resnet101.pth --output {path}` (README, Real data), "
+        f"config.model.pretrained={path!r}: no such directory. Convert {what} once with "
+        f"`python scripts/convert_torch_checkpoint.py --input {source} --output {path}` (README, Real data), "
         "or pass --config.model.pretrained=none to train from scratch on purpose")
 
 

@@ -37,16 +37,29 @@ def _sgd(lr_schedule, momentum, weight_decay):
   )
 
 
+def _adamw(lr_schedule, betas, eps, weight_decay):
+  # PyTorch AdamW: p *= 1 - lr x wd, then p -= lr x m_hat / (sqrt(v_hat) + eps), with m, v the
+  # bias-corrected moments of the raw gradient; optax's adamw is the same update (decay on the old p).
+  b1, b2 = (float(b) for b in betas)
+  return optax.adamw(lr_schedule, b1=b1, b2=b2, eps=float(eps), eps_root=0.0, weight_decay=float(weight_decay))
+
+
 def make_optimizer(config, max_iter):
-  """SGD with momentum and weight decay on every parameter, poly lr; the backbone uses
-  optim.base_lr and every other top-level module base_lr x optim.decoder_lr_mult."""
+  """Poly lr, the backbone at optim.base_lr and every other top-level module (decoder, DPT head, rep
+  head, aux) at base_lr x optim.decoder_lr_mult. optim.name 'sgd': SGD with momentum and weight decay
+  on every parameter (DGCL, REFERENCE.md s.3); 'adamw': AdamW with optim.betas, eps and decoupled
+  weight decay on every parameter (UniMatch V2's optimizer for the DINOv2 DPT)."""
   o = config.optim
   backbone_lr = poly_lr(o.base_lr, max_iter, o.poly_power)
   head_lr = poly_lr(o.base_lr * o.decoder_lr_mult, max_iter, o.poly_power)
-  return optax.multi_transform(
-      {"backbone": _sgd(backbone_lr, o.momentum, o.weight_decay),
-       "head": _sgd(head_lr, o.momentum, o.weight_decay)},
-      param_labels)
+  name = o.get("name", "sgd")
+  if name == "adamw":
+    make = lambda lr: _adamw(lr, o.betas, o.eps, o.weight_decay)
+  elif name == "sgd":
+    make = lambda lr: _sgd(lr, o.momentum, o.weight_decay)
+  else:
+    raise ValueError(f"config.optim.name={name!r}: expected sgd or adamw")
+  return optax.multi_transform({"backbone": make(backbone_lr), "head": make(head_lr)}, param_labels)
 
 
 def learning_rates(config, max_iter, step):

@@ -94,11 +94,13 @@ def _init_variables(module, rng):
 
 
 def empty_memory_bank(config) -> dgcl.MemoryBank:
-  """The bank `config` trains with; a 1-entry placeholder without the contrastive loss (the
-  state's structure stays uniform at negligible cost)."""
+  """The bank `config` trains with (entries as wide as the network's fts and rep, models.feature_dims);
+  a 1-entry placeholder without the contrastive loss (the state's structure stays uniform at
+  negligible cost)."""
   m = config.model
   if config.method == "dgcl":
-    return dgcl.MemoryBank.create(m.num_classes, config.dgcl.bank_capacity, m.decoder_channels, m.rep_dim)
+    fts_dim, rep_dim = models.feature_dims(m)
+    return dgcl.MemoryBank.create(m.num_classes, config.dgcl.bank_capacity, fts_dim, rep_dim)
   return dgcl.MemoryBank.create(m.num_classes, 1, 1, 1)
 
 

@@ -211,8 +211,6 @@ class Run:
 
 def _prepare(config, workdir: str, allow_config_change: bool):
   """Checks that need no compilation, in the order a user would fix them -> (changes, Parts)."""
-  config_base.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-  runtime.setup_compilation_cache(config)
   rundir.prepare_workdir(workdir)
   steps_per_epoch = pipeline.steps_per_epoch(config)
   resuming, changes = rundir.check_run_identity(config, workdir, allow_config_change,
@@ -249,8 +247,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   A workdir with checkpoints resumes only with the config it was started with (its
   config.json; see rundir.check_run_identity); `allow_config_change` accepts a different one
-  for a run that has not finished.
+  for a run that has not finished. The run holds the workdir's lock (rundir.lock_workdir) from
+  before its first write there to after its last: a second run on it stops with WorkdirLockedError.
   """
+  config_base.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  runtime.setup_compilation_cache(config)
+  lock = rundir.lock_workdir(workdir)
+  try:
+    return _train_and_evaluate(config, workdir, allow_config_change)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict[str, Any]:
+  """train_and_evaluate once the workdir is locked."""
   resuming, changes, parts = _prepare(config, workdir, allow_config_change)
   fns = StepFunctions(parts, runtime.make_mesh())
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)

@@ -284,7 +284,8 @@ def _run(args, dump_dir):
   batch = jax.device_put(batch, fns.batch_sharding)
   hits = runtime.compilation_cache_hits()
   t0 = time.perf_counter()
-  state, metrics, _ = fns.train_step(state, batch, semi=args.semi)
+  step = fns.train_step.lower(state, batch, semi=args.semi).compile()
+  state, metrics, _ = step(state, batch)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   source = "loaded from the compilation cache" if runtime.compilation_cache_hits() > hits else "compiled"
@@ -295,16 +296,22 @@ def _run(args, dump_dir):
   times = []
   for i in range(args.steps):
     t0 = time.perf_counter()
-    state, metrics, _ = fns.train_step(state, batch, semi=args.semi)
+    state, metrics, _ = step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
     print(f"  step {i + 1}: {1000 * times[-1]:.1f} ms", flush=True)
   median = float(np.median(times))
   print(f"step: median {1000 * median:.1f} ms over {args.steps} | {2 * b / median:.1f} images/s")
   print("losses: " + ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()))
+  mem = step.memory_analysis()
+  if mem is not None:   # the step's own need, apart from what compiling took
+    need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    print(f"compiled memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, step total (temp + arguments + "
+          f"outputs - aliased) {need / 2**30:.2f} GiB")
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
-    print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    # A process that compiled the step also counts XLA's autotuning scratch here.
+    print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB ({source} in this process)")
   else:   # CPU: the device memory is the process's
     import resource  # pylint: disable=g-import-not-at-top
     print(f"peak process memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

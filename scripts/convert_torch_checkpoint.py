@@ -9,9 +9,16 @@ A full model converted from a training checkpoint is evaluated with
 Accepts a flat state dict (e.g. the ImageNet backbone resnet101.pth) or a training checkpoint of the
 reference ({'epoch', 'model_state', 'teacher_state', 'best_miou', 'optimizer_state'}, keys behind
 'module.'): --state picks the entry; by default the first of teacher_state (the network the reference's
-evaluation scores), model_state (the student), state_dict that is present.
+evaluation scores), model_state (the student), state_dict, model_ema, model that is present.
 A backbone-only file writes only the 'backbone' variables (the trainer keeps its own decoder
 init); a full model writes everything. Errors print one line and exit with status 1.
+
+DINOv2 / UniMatch V2 (model.arch='dpt'): a DINOv2 release checkpoint (dinov2_vit{s,b,l}14_pretrain.pth)
+converts to the ViT backbone of config.model.pretrained; a UniMatch V2 training checkpoint ({'model',
+'model_ema', ...}, 'backbone.*' + 'head.*' behind 'module.'; model_ema by default) to a full DPT for
+evaluation (DGCL's representation head, which UniMatch V2 lacks, initialized from seed 0). Without
+--config the ViT's size (and a UniMatch V2 model's class count) are read from the file:
+  python scripts/convert_torch_checkpoint.py --input dinov2_vits14_pretrain.pth --output pretrained/dinov2_small
 
 Loading is safe for files from strangers: a .pth is a pickle, and a full unpickle can run any code the
 file carries, so the file is read with torch.load(weights_only=True), which builds only tensors, the
@@ -38,7 +45,8 @@ if _ROOT not in sys.path:
 
 from dgcl_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_STATE_KEYS = ("teacher_state", "model_state", "state_dict")
+_STATE_KEYS = ("teacher_state", "model_state", "state_dict", "model_ema", "model")
+_VIT_SIZES = {384: "small", 768: "base", 1024: "large"}
 
 
 class _Fail(Exception):
@@ -202,12 +210,50 @@ def read_state_dict(path: str, state: str | None, trust_pickle: bool = False):
   return {str(k): v.detach().to(torch.float32).cpu().numpy() for k, v in tensors.items()}, state
 
 
+def vit_description(state_dict) -> tuple[int, str | None, int | None] | None:
+  """(width, model.vit size or None, UniMatch V2 class count or None) if `state_dict` is a DINOv2 ViT
+  (release checkpoint or UniMatch V2 model, optionally behind 'module.'), else None."""
+  keys = {k[len("module."):] if k.startswith("module.") else k: k for k in state_dict}
+  for prefix in ("", "backbone."):
+    pos = keys.get(prefix + "pos_embed")
+    if pos is not None and any(k.startswith(prefix + "blocks.") for k in keys):
+      width = int(state_dict[pos].shape[-1])
+      classes = keys.get("head.scratch.output_conv.2.weight")
+      return width, _VIT_SIZES.get(width), (int(state_dict[classes].shape[0]) if classes else None)
+  return None
+
+
+def model_config_for(state_dict, config_spec: str | None):
+  """The model config the weights must fit: --config's, or (no --config) pascal.py's for a ResNet file and
+  a DPT of the file's own ViT size (and class count) for a DINOv2 / UniMatch V2 file."""
+  vit = vit_description(state_dict)
+  if config_spec is None:
+    if vit is None:
+      return load_config(os.path.join(_ROOT, "configs", "pascal.py")).model
+    width, size, classes = vit
+    if size is None:
+      raise _Fail(f"the DINOv2 ViT in the file is {width} wide, not one of "
+                  f"{', '.join(f'{w} ({n})' for w, n in _VIT_SIZES.items())}: give its config with --config")
+    model = config_base.model_config()
+    model.arch, model.vit = "dpt", size
+    model.num_classes = classes or model.num_classes
+    return model
+  model = load_config(config_spec).model
+  if vit is not None and model.get("arch", "deeplabv3plus") != "dpt":
+    size = vit[1] or "small"
+    raise _Fail(f"the file holds a DINOv2 ViT ({vit[1] or f'{vit[0]} wide'}) but --config={config_spec} builds "
+                f"model.arch={model.get('arch', 'deeplabv3plus')!r}: give a DPT config (e.g. configs/pascal.py:732,"
+                f"dinov2_{size}) or leave --config out")
+  return model
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--input", required=True, help="PyTorch .pth file")
   parser.add_argument("--output", required=True, help="orbax directory to write (must not exist)")
-  parser.add_argument("--config", default=os.path.join(_ROOT, "configs", "pascal.py"),
-                      help="config file[:arg] whose model section the weights must fit")
+  parser.add_argument("--config", default=None,
+                      help="config file[:arg] whose model section the weights must fit (default: configs/pascal.py, "
+                           "or for a DINOv2 / UniMatch V2 file a DPT of the file's ViT size)")
   parser.add_argument("--state", default=None, help="entry of a training checkpoint to convert")
   parser.add_argument(_TRUST_FLAG, action="store_true",
                       help="load a file that weights_only loading refuses as a full pickle, which runs any "
@@ -217,8 +263,8 @@ def main(argv=None) -> int:
   try:
     if os.path.exists(args.output):
       raise _Fail(f"output {args.output!r} already exists")
-    model_config = load_config(args.config).model
     state_dict, entry = read_state_dict(args.input, args.state, args.trust_pickle)
+    model_config = model_config_for(state_dict, args.config)
     variables, full = convert.convert_state_dict(state_dict, model_config)
     convert.save_variables(args.output, variables)
   except (_Fail, convert.ConversionError) as e:

@@ -47,6 +47,76 @@ def protocol_name(mode: str, crop: int, scales, flip: bool) -> str:
   return text + (", flipped" if flip else "") + ", float32"
 
 
+def _center_confusion(config, module, variables, batch_sharding, save_dir, palette):
+  """The in-training evaluation path, batch by batch: one compiled function gives the confusion
+  matrix and, for --save_predictions, the predictions."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import evaluation, runtime, summaries  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  num_classes = config.model.num_classes
+  eval_fn = jax.jit(functools.partial(evaluation.predictions_and_confusion, module, num_classes=num_classes,
+                                      ignore_label=int(config.data.ignore_label)))
+  conf = np.zeros((num_classes, num_classes), np.int64)
+  index = 0
+  for item in pipeline.create_val_iterator(config, mode="center", batch_size=jax.device_count()):
+    batch = runtime.global_batch({"image": item["image"], "label": item["label"]}, batch_sharding)
+    preds, batch_conf = eval_fn(variables, batch["image"], batch["label"])
+    conf += np.asarray(jax.device_get(batch_conf), np.int64)
+    if save_dir:
+      preds = np.asarray(jax.device_get(preds))
+      for i in range(preds.shape[0]):
+        if item["valid"][i]:
+          Image.fromarray(summaries.colorize(preds[i], palette)).save(os.path.join(save_dir, f"{index:05d}.png"))
+          index += 1
+  return conf
+
+
+def _predictor_confusion(config, module, variables, mode, scales, flip, save_dir, palette):
+  """Image by image through evaluation.Predictor: sliding windows over the full image, scales, flips."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import evaluation, summaries  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  num_classes = config.model.num_classes
+  predictor = evaluation.Predictor(module, variables, num_classes, int(config.data.val_crop_size))
+  conf = np.zeros((num_classes, num_classes), np.int64)
+  val_mode = "full" if mode == "sliding" else "center"
+  for index, item in enumerate(pipeline.create_val_iterator(config, mode=val_mode, batch_size=1)):
+    if "valid" in item and not item["valid"][0]:
+      continue
+    logits = predictor.predict(item["image"], mode=mode, scales=scales, flip=flip)
+    pred = np.asarray(jax.device_get(logits)).argmax(-1)
+    conf += np.asarray(evaluation.confusion_matrix(pred, item["label"], num_classes, int(config.data.ignore_label)),
+                       np.int64)
+    if save_dir:
+      name = os.path.basename(str(item.get("name", f"{index:05d}"))).rsplit(".", 1)[0]
+      Image.fromarray(summaries.colorize(pred[0], palette)).save(os.path.join(save_dir, f"{name}.png"))
+  return conf
+
+
+def _report(config, conf, source, protocol, mode, scales) -> None:
+  """The per-class IoU table and the mIoU line; --output_json."""
+  from dgcl_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  miou, iou = evaluation.miou_from_confusion(conf)
+  names = list(pipeline.class_names(config))
+  width = max(len(n) for n in names)
+  print(f"{'class':<{width}}  IoU (%)")
+  for name, value in zip(names, iou):
+    print(f"{name:<{width}}  {100 * value:6.2f}")
+  print(f"mIoU: {100 * miou:.2f} ({script_support.describe(source)}; {protocol})")
+  if _OUTPUT_JSON.value:
+    crop = int(config.data.val_crop_size)
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump({"miou": miou, "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
+                 "protocol": protocol, "mode": mode, "crop": crop,
+                 "stride": int(math.ceil(crop * 2 / 3)) if mode == "sliding" else None,
+                 "scales": list(scales), "flip": _FLIP.value, "dtype": "float32", **source}, f, indent=2)
+
+
 def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
@@ -56,9 +126,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import checkpointing, convert, evaluation, models  # pylint: disable=g-import-not-at-top
-  from dgcl_jax import runtime, state, summaries  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import checkpointing, convert, models  # pylint: disable=g-import-not-at-top
+  from dgcl_jax import runtime, state  # pylint: disable=g-import-not-at-top
   from dgcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     config = script_support.config_value(_CONFIG)
@@ -76,63 +145,21 @@ def main(argv):
     return 1
   # Both networks are scored in float32, as the in-training evaluation (REFERENCE.md section 2).
   module = models.build(state.teacher_model_config(config.model))
-  num_classes = config.model.num_classes
-  ignore_label = int(config.data.ignore_label)
-  palette = np.asarray(pipeline.palette(num_classes))
-  conf = np.zeros((num_classes, num_classes), np.int64)
-  if _SAVE_PREDICTIONS.value:
-    os.makedirs(_SAVE_PREDICTIONS.value, exist_ok=True)
+  palette = np.asarray(pipeline.palette(config.model.num_classes))
+  save_dir = _SAVE_PREDICTIONS.value
+  if save_dir:
+    os.makedirs(save_dir, exist_ok=True)
   variables = jax.device_put(variables, replicated)
-  crop = int(config.data.val_crop_size)
-  protocol = protocol_name(mode, crop, scales, _FLIP.value)
+  protocol = protocol_name(mode, int(config.data.val_crop_size), scales, _FLIP.value)
   try:
     if mode == "center" and scales == (1.0,) and not _FLIP.value:
-      # The in-training evaluation path, batch by batch; one compiled function gives the
-      # confusion matrix and, for --save_predictions, the predictions.
-      eval_fn = jax.jit(functools.partial(evaluation.predictions_and_confusion, module, num_classes=num_classes,
-                                          ignore_label=ignore_label))
-      bs = jax.device_count()
-      index = 0
-      for item in pipeline.create_val_iterator(config, mode="center", batch_size=bs):
-        batch = runtime.global_batch({"image": item["image"], "label": item["label"]}, batch_sharding)
-        preds, batch_conf = eval_fn(variables, batch["image"], batch["label"])
-        conf += np.asarray(jax.device_get(batch_conf), np.int64)
-        if _SAVE_PREDICTIONS.value:
-          preds = np.asarray(jax.device_get(preds))
-          for i in range(preds.shape[0]):
-            if item["valid"][i]:
-              Image.fromarray(summaries.colorize(preds[i], palette)).save(
-                  os.path.join(_SAVE_PREDICTIONS.value, f"{index:05d}.png"))
-              index += 1
+      conf = _center_confusion(config, module, variables, batch_sharding, save_dir, palette)
     else:
-      predictor = evaluation.Predictor(module, variables, num_classes, crop)
-      val_mode = "full" if mode == "sliding" else "center"
-      for index, item in enumerate(pipeline.create_val_iterator(config, mode=val_mode, batch_size=1)):
-        if "valid" in item and not item["valid"][0]:
-          continue
-        logits = predictor.predict(item["image"], mode=mode, scales=scales, flip=_FLIP.value)
-        pred = np.asarray(jax.device_get(logits)).argmax(-1)
-        conf += np.asarray(evaluation.confusion_matrix(pred, item["label"], num_classes, ignore_label), np.int64)
-        if _SAVE_PREDICTIONS.value:
-          name = os.path.basename(str(item.get("name", f"{index:05d}"))).rsplit(".", 1)[0]
-          Image.fromarray(summaries.colorize(pred[0], palette)).save(
-              os.path.join(_SAVE_PREDICTIONS.value, f"{name}.png"))
+      conf = _predictor_confusion(config, module, variables, mode, scales, _FLIP.value, save_dir, palette)
   except pipeline.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  miou, iou = evaluation.miou_from_confusion(conf)
-  names = list(pipeline.class_names(config))
-  width = max(len(n) for n in names)
-  print(f"{'class':<{width}}  IoU (%)")
-  for name, value in zip(names, iou):
-    print(f"{name:<{width}}  {100 * value:6.2f}")
-  print(f"mIoU: {100 * miou:.2f} ({script_support.describe(source)}; {protocol})")
-  if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump({"miou": miou, "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
-                 "protocol": protocol, "mode": mode, "crop": crop,
-                 "stride": int(math.ceil(crop * 2 / 3)) if mode == "sliding" else None,
-                 "scales": list(scales), "flip": _FLIP.value, "dtype": "float32", **source}, f, indent=2)
+  _report(config, conf, source, protocol, mode, scales)
   return 0
 
 

@@ -4,6 +4,8 @@ disk_full: the checkpoint of step STEP and later ones fail in orbax's background
   ENOSPC, as on a full disk (the earlier ones are written normally).
 data_error: loading the batch of step STEP + 1 raises a DataError, as a file that cannot be read.
 val_error: the evaluation at step STEP raises a DataError, as a validation file that cannot be read.
+slow_commit: on process 0 of a multi-process run, the background commits of the checkpoints of
+  step STEP (latest and best) wait 3 s before their barriers, as on a busier primary host.
 """
 
 import errno
@@ -48,6 +50,18 @@ def main():
       return original(fns, state, config, use_teacher)
 
     train.evaluate_state = evaluate_state
+  elif mode == "slow_commit":
+    import time  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.checkpointers import async_checkpointer  # pylint: disable=g-import-not-at-top
+    original = async_checkpointer._background_wait_for_commit_futures  # pylint: disable=protected-access
+
+    def wait_for_commit(directory, *args, **kwargs):
+      if jax.process_index() == 0 and directory.name == str(step):
+        time.sleep(3)
+      return original(directory, *args, **kwargs)
+
+    async_checkpointer._background_wait_for_commit_futures = wait_for_commit  # pylint: disable=protected-access
   else:
     raise SystemExit(f"unknown mode {mode}")
   from dgcl_jax import main as entry  # pylint: disable=g-import-not-at-top

@@ -4,6 +4,7 @@ past a damaged latest checkpoint to the same final parameters, bit for bit."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,14 +20,21 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def damage(step_dir, how="truncate"):
-  """Truncates the largest array-data file of <step>/state, or deletes <step>/meta/metadata."""
+  """Truncates ("truncate") or deletes ("delete") the largest array-data file of <step>/state, deletes
+  <step>/meta/metadata ("meta") or the whole <step>/state item ("item")."""
   if how == "meta":
     os.remove(os.path.join(step_dir, "meta", "metadata"))
     return
   state = os.path.join(step_dir, "state")
+  if how == "item":
+    shutil.rmtree(state)
+    return
   files = [os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs]
   data = [f for f in files if f"{os.sep}d{os.sep}" in f] or files
   big = max(data, key=os.path.getsize)
+  if how == "delete":
+    os.remove(big)
+    return
   with open(big, "r+b") as f:
     f.truncate(os.path.getsize(big) // 2)
 
@@ -64,7 +72,7 @@ def _listing(directory):
   return sorted(os.listdir(directory))
 
 
-@pytest.mark.parametrize("how", ["truncate", "meta"])
+@pytest.mark.parametrize("how", ["truncate", "meta", "delete", "item"])
 def test_damaged_latest_falls_back_and_is_set_aside(tmp_path, how, caplog):
   directory = _saved(tmp_path)
   damage(os.path.join(directory, "3"), how)
@@ -84,9 +92,12 @@ def test_damaged_latest_falls_back_and_is_set_aside(tmp_path, how, caplog):
   ckpt.close()
 
 
-def test_read_only_skips_a_damaged_step_without_moving_it(tmp_path):
+# A failed read leaves orbax's sibling reads unawaited (the entry points drop that echo: dgcl_jax/cli.py).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncate", "delete", "item"])
+def test_read_only_skips_a_damaged_step_without_moving_it(tmp_path, how):
   directory = _saved(tmp_path)
-  damage(os.path.join(directory, "3"))
+  damage(os.path.join(directory, "3"), how)
   before = _listing(directory)
   ckpt = checkpointing.Checkpointer(str(tmp_path), read_only=True)
   _, meta, _ = ckpt.restore(_abstract())

@@ -130,3 +130,44 @@ def test_drop_exceptions_wraps_the_hooks_once_per_name():
     assert seen == [("except", "real"), ("thread", "real"), ("unraisable", "real")]
   finally:
     sys.excepthook, threading.excepthook, sys.unraisablehook = saved
+
+
+def test_importing_the_package_installs_no_process_wide_hook():
+  """Hooks, signal handlers and log filters are the entry points' to install (main.py, the scripts):
+  importing every module of the package leaves the process as it was."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  code = (
+      "import importlib, logging, pkgutil, signal, sys, threading\n"
+      "import dgcl_jax, absl.logging, jax, orbax.checkpoint   # the libraries' own import-time set-up first\n"
+      "def snapshot():\n"
+      "  root = logging.getLogger()\n"
+      "  return (sys.excepthook, threading.excepthook, sys.unraisablehook, signal.getsignal(signal.SIGINT),\n"
+      "          signal.getsignal(signal.SIGTERM), list(root.filters), [list(h.filters) for h in root.handlers])\n"
+      "before = snapshot()\n"
+      "names = [m.name for m in pkgutil.walk_packages(dgcl_jax.__path__, 'dgcl_jax.')\n"
+      "         if m.name != 'dgcl_jax.main']   # main.py defines the absl flags: an entry point itself\n"
+      "for name in names:\n"
+      "  importlib.import_module(name)\n"
+      "assert 'dgcl_jax.checkpointing' in sys.modules and 'dgcl_jax.train' in sys.modules\n"
+      "assert snapshot() == before, [n for n, (a, b) in zip('except thread unraisable int term filters handlers'"
+      ".split(), zip(snapshot(), before)) if a != b]\n"
+      "print('ok', len(names))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+
+
+def test_the_entry_points_and_the_loop_recognise_the_same_environment_errors(tmp_path):
+  """One table (errors.py): what the loop reports as an environment failure in one line is what the
+  entry points' hooks treat as already reported, and nothing else."""
+  from dgcl_jax import errors, rundir  # pylint: disable=g-import-not-at-top
+  numbers = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
+             errno.ENOENT)
+  for number in numbers + (errno.EINVAL, errno.EEXIST):
+    e = OSError(number, os.strerror(number), "/data/x")
+    known = number in numbers
+    assert cli._reported_once(e) == known, number  # pylint: disable=protected-access
+    assert isinstance(rundir.environment_failure(e, str(tmp_path)), errors.RunEnvironmentError) == known, number
+  text = RuntimeError('writing "ocdbt/d/x": RESOURCE_EXHAUSTED: No space left on device')
+  assert cli._reported_once(text)  # pylint: disable=protected-access
+  assert isinstance(rundir.environment_failure(text, str(tmp_path)), errors.RunEnvironmentError)

@@ -28,7 +28,8 @@ def test_shipped_configs_validate():
     (lambda c: c.update({"method": "dgcll"}), "config.method='dgcll'"),
     (lambda c: c.data.update({"crop_size": 8}), "config.data.crop_size=8"),
     (lambda c: c.loss.update({"unsup_weight": -1.0}), "config.loss.unsup_weight=-1.0"),
-    (lambda c: c.model.update({"num_classes": 7}), "config.model.num_classes=7"),
+    (lambda c: c.model.update({"num_classes": 0}), "config.model.num_classes=0"),
+    (lambda c: c.data.update({"max_image_size": (500,)}), "config.data.max_image_size=(500,)"),
     (lambda c: c.loss.update({"pseudo_labels": "oracle"}), "config.loss.pseudo_labels='oracle'"),
     # What --config.model.aspp_dilations=abc gives: a tuple of one string.
     (lambda c: c.model.update({"aspp_dilations": ("abc",)}), "config.model.aspp_dilations=('abc',): expected a tuple of 3"),

@@ -581,3 +581,17 @@ def test_labels_must_be_8_bit_or_palette(tmp_path):
             sources.load_label, path, NUM_CLASSES)
   path = _saved(tmp_path, "l.png", Image.fromarray(np.full((4, 4), 255, np.uint8), mode="L"))
   assert sources.load_label(path, NUM_CLASSES).tolist() == [[255] * 4] * 4
+
+
+def test_the_train_iterator_reads_the_split_lists_once(tmp_path, monkeypatch):
+  """Its epoch length comes from the split it built (the same number the loop computed before it
+  from the lists), not from a second reading of the lists."""
+  c, _, _ = _pascal_config(tmp_path, n_unl=9)
+  want = pipeline.steps_per_epoch(c)
+  assert want == 2   # ceil(9 / 2) // (4 / 2)
+  reads = []
+  read_list = sources.read_list
+  monkeypatch.setattr(sources, "read_list", lambda path: reads.append(path) or read_list(path))
+  it = pipeline.create_train_iterator(c, 0, 1)
+  assert it.steps_per_epoch == want
+  assert sorted(reads) == sorted([c.data.labeled_list, c.data.unlabeled_list, c.data.val_list])

@@ -1,4 +1,5 @@
-"""Density, memory bank and contrastive loss against the reference's outputs and NumPy versions."""
+"""Density, memory bank and contrastive loss (dgcl_jax/density.py, memory_bank.py, dgcl.py) against the
+reference's outputs and NumPy versions; one file, as the three share the NumPy versions and inputs."""
 import functools
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dgcl_jax import density as density_lib
 from dgcl_jax import dgcl
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "dgcl_reference.npz")
@@ -353,8 +355,8 @@ def _ref_loss(rep, fts, labels, bank, rng, *, temperature=0.5, ks=(8, 16, 32), n
     proto = (jnp.sum(jnp.where(p_valid[:, None], rep[kept[p_sel]], 0), 0)
              + jnp.sum(jnp.where(bp_valid[:, None], bank.rep[c][bp_sel], 0), 0)) / (p_valid.sum() + bp_valid.sum())
     neg_idx, neg_valid = _ref_subset((labels != c) & (labels != 255), k_neg, n_neg)
-    t = dgcl._normalize(jax.lax.stop_gradient(jnp.concatenate([proto[None], rep[neg_idx]])))
-    logits = dgcl._normalize(rep[kept[a_sel]]) @ t.T / temperature
+    t = density_lib.normalize(jax.lax.stop_gradient(jnp.concatenate([proto[None], rep[neg_idx]])))
+    logits = density_lib.normalize(rep[kept[a_sel]]) @ t.T / temperature
     logits = jnp.where(jnp.concatenate([jnp.ones((1,), bool), neg_valid])[None], logits, -jnp.inf)
     logits = logits - jax.lax.stop_gradient(logits.max(1, keepdims=True))
     logp = jnp.where(a_valid, logits[:, 0] - jnp.log(jnp.exp(logits).sum(1) + 1e-6), 0.0)
@@ -461,7 +463,7 @@ def test_proportional_update_equals_unbucketed():
 def _count_density_rows(monkeypatch):
   """Patches the density so that each block it computes reports its row count; returns the list."""
   rows = []
-  density_fn = dgcl._density_fn
+  density_fn = density_lib.density_fn
 
   def counting(*args, **kwargs):
     block = density_fn(*args, **kwargs)
@@ -471,7 +473,7 @@ def _count_density_rows(monkeypatch):
       return block(f)
     return counted
 
-  monkeypatch.setattr(dgcl, "_density_fn", counting)
+  monkeypatch.setattr(density_lib, "density_fn", counting)
   return rows
 
 

@@ -7,6 +7,7 @@ Each run is a subprocess on the CPU, sharing a persistent compilation cache to s
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -83,8 +84,17 @@ def _check_run(workdir, out, method):
 @pytest.mark.parametrize("method", ["supervised", "self_training"])
 def test_baseline_methods_run_end_to_end(method, tmp_path, env):
   workdir = tmp_path / method
-  proc = _run(_main_cmd(workdir, method, RUN), env)
+  proc = _run(_main_cmd(workdir, method, RUN), dict(env, JAX_LOG_COMPILES="1"))
   _check_run(workdir, proc.stdout + proc.stderr, method)
+  # One program per distinct step (supervised: the supervised step only), evaluation traced once
+  # for its three rounds (and the summary images' predictions once); the last two rounds and their
+  # epochs compile nothing at all.
+  log = proc.stderr
+  programs = 1 if method == "supervised" else 2
+  for name, count in (("_train_step", programs), ("_eval_step", 1), ("_predict", 1)):
+    assert log.count(f"Finished tracing {name} for jit") == log.count(f"Compiling jit({name})") == count, name
+  assert ("first semi-supervised step" in log) == (method != "supervised")
+  assert "Compiling" not in log[log.index(f"step 6/{TOTAL_STEPS}"):]
   if method == "supervised":
     # evaluate.py's default (--model=auto) evaluates the student: a supervised run trains no teacher.
     out_json = tmp_path / "supervised.json"
@@ -116,6 +126,51 @@ def test_dgcl_runs_end_to_end_evaluates_and_does_not_retrain(dgcl_run, tmp_path,
   assert f"step 1/{TOTAL_STEPS}" not in again.stdout + again.stderr
 
 
+def _write_custom_dataset(root, ignore_label):
+  """A custom-layout dataset (PNG images and masks, 4 labeled, 8 unlabeled, 2 val): 8-px blocks of
+  classes 0-4 and of `ignore_label`, the same pixels whatever its value. -> its --config.data flags."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(root / "img")
+  os.makedirs(root / "mask")
+  rng = np.random.default_rng(0)
+  ids = [f"im{i:02d}" for i in range(14)]
+  for name in ids:
+    h, w = (int(v) for v in rng.integers(36, 49, 2))
+    blocks = np.kron(rng.integers(0, 6, ((h + 7) // 8, (w + 7) // 8)), np.ones((8, 8), np.int64))[:h, :w]
+    value = np.where(blocks == 5, 250, blocks * 45)
+    image = np.stack([value, 255 - value, (value * 3) % 256], -1) + rng.integers(-20, 21, (h, w, 3))
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "img" / f"{name}.png")
+    Image.fromarray(np.where(blocks == 5, ignore_label, blocks).astype(np.uint8), mode="L").save(
+        root / "mask" / f"{name}.png")
+  for split, names in (("labeled", ids[:4]), ("unlabeled", ids[4:12]), ("val", ids[12:])):
+    (root / f"{split}.txt").write_text("\n".join(names))
+  return ["--config.data.name=custom", f"--config.data.root={root}", "--config.data.image_dir=img",
+          "--config.data.mask_dir=mask", "--config.data.image_ext=.png", "--config.data.mask_ext=.png",
+          *(f"--config.data.{split}_list={root / split}.txt" for split in ("labeled", "unlabeled", "val")),
+          f"--config.data.ignore_label={ignore_label}", "--config.model.pretrained=none"]
+
+
+def test_custom_dataset_with_ignore_label_254_trains_exactly_as_with_255(dgcl_run, tmp_path, env):
+  """Masks using 254 with --config.data.ignore_label=254: the same run, bit for bit, as with 255 (the
+  losses, pseudo and contrastive labels, memory bank and evaluation all take the configured value).
+  dgcl_run first: the 255 run loads its programs from the module's compilation cache."""
+  finals, params, logs = {}, {}, {}
+  for ignore_label in (255, 254):
+    workdir = tmp_path / f"run{ignore_label}"
+    flags = _write_custom_dataset(tmp_path / f"data{ignore_label}", ignore_label)
+    proc = _run(_main_cmd(workdir, "dgcl", [*RUN, *flags]), env)
+    logs[ignore_label] = proc.stderr
+    step, params[ignore_label] = _final_params(workdir)
+    assert step == TOTAL_STEPS
+    finals[ignore_label] = json.load(open(workdir / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"))["final"]
+  contrastive = [float(v) for v in re.findall(r"contrastive ([0-9.]+)", logs[254])]
+  assert len(contrastive) == TOTAL_STEPS and max(contrastive) > 0   # the memory bank filled, the loss ran
+  assert finals[254] == finals[255]
+  assert params[254].keys() == params[255].keys()
+  for key in params[255]:
+    np.testing.assert_array_equal(params[254][key], params[255][key], err_msg=key)
+
+
 def test_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
   reference, _ = dgcl_run
   workdir = tmp_path / "interrupted"
@@ -133,7 +188,10 @@ def test_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
     time.sleep(0.05)
   proc.wait()
   assert killed, "the run finished before it could be killed"
+  # The killed run's lock record is still there, naming it; its lock died with it: the rerun starts.
+  assert json.loads((workdir / ".lock").read_text())["pid"] == proc.pid
   _run(_main_cmd(workdir, "dgcl", RUN), env)
+  assert (workdir / ".lock").read_text() == ""
 
   step_a, params_a = _final_params(reference)
   step_b, params_b = _final_params(workdir)
@@ -141,6 +199,50 @@ def test_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
   assert params_a.keys() == params_b.keys()
   for key in params_a:
     np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
+def test_a_second_run_on_a_live_workdir_is_refused_and_the_first_is_unaffected(dgcl_run, tmp_path, env):
+  """The first run is paused (SIGSTOP, still alive and holding its lock) mid-training while the
+  second one tries: nothing in the workdir may change; resumed, it ends as the run alone did."""
+  reference, _ = dgcl_run
+  workdir = tmp_path / "live"
+  first = subprocess.Popen(_main_cmd(workdir, "dgcl", RUN), env=env, cwd=_ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+      names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+      if any(n.isdigit() for n in names):
+        first.send_signal(signal.SIGSTOP)
+        break
+      time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could start"
+    record = json.loads((workdir / ".lock").read_text())
+    assert record["pid"] == first.pid
+    before = {os.path.join(base, name): os.stat(os.path.join(base, name)).st_mtime_ns
+              for base, dirs, files in os.walk(workdir) for name in dirs + files}
+    second = subprocess.run(_main_cmd(workdir, "dgcl", RUN), env=env, capture_output=True, text=True, timeout=30,
+                            cwd=_ROOT)
+    assert second.returncode == 1
+    line = _one_error_line(second)
+    assert f"--workdir={workdir} is in use by another training run" in line
+    assert f"pid {first.pid} on host {record['host']}, started {record['started']}" in line
+    after = {os.path.join(base, name): os.stat(os.path.join(base, name)).st_mtime_ns
+             for base, dirs, files in os.walk(workdir) for name in dirs + files}
+    assert after == before
+  finally:
+    first.send_signal(signal.SIGCONT)
+  out, _ = first.communicate(timeout=600)
+  assert first.returncode == 0, out[-5000:]
+  assert len(os.listdir(workdir / "tensorboard")) == 1
+  step_a, params_a = _final_params(reference)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == TOTAL_STEPS
+  assert params_a.keys() == params_b.keys()
+  for key in params_a:
+    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+  final = lambda w: json.load(open(w / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"))["final"]
+  assert final(workdir) == final(reference)
 
 
 def _one_error_line(proc):
@@ -206,27 +308,28 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
         assert np.all(np.isfinite(value)), key
 
 
-def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, env):
-  # SIGTERM takes the same path (tests/test_main.py checks that both set the flag).
-  signum = signal.SIGINT
+def test_ctrl_c_and_sigterm_save_and_exit_cleanly_then_resume(tmp_path, env):
   workdir = tmp_path / "term"
-  proc = subprocess.Popen(_main_cmd(workdir, "supervised", RUN), env=env, cwd=_ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
-    if any(n.isdigit() and int(n) >= 2 for n in names):
-      proc.send_signal(signum)
-      break
-    time.sleep(0.05)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  assert "Stopped at step" in err and signal.Signals(signum).name in err, err[-3000:]
-  assert "Traceback" not in out + err
-  stopped = int(err.split("Stopped at step ")[1].split()[0])
-  assert stopped < TOTAL_STEPS
-  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+  stopped = 1
+  for signum in (signal.SIGINT, signal.SIGTERM):  # the second one on the resumed run
+    proc = subprocess.Popen(_main_cmd(workdir, "supervised", RUN), env=env, cwd=_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+      if any(n.isdigit() and int(n) > stopped for n in names):
+        proc.send_signal(signum)
+        break
+      time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Stopped at step" in err and signal.Signals(signum).name in err, err[-3000:]
+    assert "Traceback" not in out + err
+    previous, stopped = stopped, int(err.split("Stopped at step ")[1].split()[0])
+    assert previous < stopped < TOTAL_STEPS
+    assert (workdir / "checkpoints" / str(stopped)).is_dir()
   again = _run(_main_cmd(workdir, "supervised", RUN), env)
+  assert f"Resumed from step {stopped}" in again.stderr
   assert "final: student mIoU" in again.stdout + again.stderr
   assert (workdir / "checkpoints" / str(TOTAL_STEPS)).is_dir()
 

@@ -320,3 +320,38 @@ def test_per_slice_functions_vmap_under_jit():
   one = jax.jit(losses.pseudo_labels)
   for s in range(2):
     np.testing.assert_array_equal(got[s], np.asarray(one(logits[s], ignore[s], percent[s])))
+
+
+def test_every_label_function_takes_the_configured_ignore_label():
+  """With ignore_label=254 and inputs using 254 each function gives what it gives with 255 (its
+  label outputs with 254 where those had 255): config.data.ignore_label is honoured everywhere."""
+  rng = np.random.default_rng(11)
+  logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32) * 2
+  labels = rng.integers(0, 3, size=(2, 13, 17)).astype(np.int32)
+  labels[rng.random(labels.shape) < 0.3] = 255
+  pseudo = rng.integers(0, 3, size=(2, 13, 17)).astype(np.int32)
+  pseudo[rng.random(pseudo.shape) < 0.2] = 255
+  ignore = np.zeros((2, 13, 17), np.int32)
+  ignore[1, :4] = 255
+  up = np.asarray(losses.resize_logits(logits, (13, 17)))
+
+  def results(v):
+    relabel = lambda x: np.where(x == 255, v, x)  # pylint: disable=unnecessary-lambda-assignment
+    lab, pse, ign = relabel(labels), relabel(pseudo), relabel(ignore)
+    return {
+        "ce": losses.cross_entropy(up, lab, ignore_label=v),
+        "ohem": losses.ohem_cross_entropy(up, lab, 0.3, 50, ignore_label=v),
+        "unsup": losses.unsup_cross_entropy(up, pse, ign, ignore_label=v),
+        "sup": losses.supervised_loss(logits, lab, ohem=True, aux_logits=logits, min_kept=50, ignore_label=v),
+        "pseudo": losses.pseudo_labels(logits, ign, 30.0, ignore_label=v),
+        "contrastive": losses.contrastive_labels(lab, logits, ign, 30.0, ignore_label=v),
+    }
+
+  want, got = results(255), results(254)
+  for name in ("ce", "ohem", "unsup", "sup"):
+    assert np.isfinite(float(want[name])) and float(want[name]) > 0, name
+    assert float(got[name]) == float(want[name]), name
+  for name in ("pseudo", "contrastive"):
+    assert (np.asarray(want[name]) == 255).any() and not (np.asarray(got[name]) == 255).any(), name
+    np.testing.assert_array_equal(np.asarray(got[name]), np.where(np.asarray(want[name]) == 255, 254,
+                                                                   np.asarray(want[name])), err_msg=name)

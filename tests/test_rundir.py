@@ -92,6 +92,28 @@ def test_run_identity_never_trains_over_a_finished_run(tmp_path):
   assert rundir.check_run_identity(config, str(workdir)) == (True, [])
 
 
+@pytest.mark.parametrize("text", ['{"batch_size": 4, "mod', "", "[]"])
+def test_a_damaged_config_json_is_one_line_and_allow_config_change_resumes(tmp_path, text):
+  config = tiny_config()
+  config.steps_per_epoch = 3
+  workdir = tmp_path / "run"
+  _fake_run(workdir, config, [2, 4])
+  (workdir / "config.json").write_text(text)
+  with pytest.raises(config_base.ConfigChangeError) as info:
+    rundir.check_run_identity(config, str(workdir))
+  message = str(info.value)
+  assert "\n" not in message and message.startswith(f"{workdir / 'config.json'}: cannot read the run's config (")
+  assert "--allow_config_change" in message
+  assert rundir.check_run_identity(config, str(workdir), allow_config_change=True) == (
+      True, [("config.json", "unreadable", "rewritten")])
+  assert (workdir / "config.json").read_text() == text   # nothing written by the check
+
+
+def test_an_unwritable_config_json_is_one_line(tmp_path):
+  with pytest.raises(errors.RunEnvironmentError, match=r"^cannot write .*/gone/config.json: No such file"):
+    rundir.record_run_config(tiny_config(), str(tmp_path / "gone"), new_run=True, changes=[], step=0)
+
+
 def test_record_run_config_keeps_the_previous_one(tmp_path):
   config = tiny_config()
   rundir.record_run_config(config, str(tmp_path), new_run=True, changes=[], step=0)

@@ -111,3 +111,69 @@ def test_progress_and_percents():
   assert schedules.drop_percent(1.0, 20.0) == 0.0   # no floor
   # Traced epoch works too.
   np.testing.assert_allclose(float(jax.jit(lambda e: schedules.epoch_progress(e, 10, 2))(jnp.int32(6))), 0.5)
+
+
+def test_adamw_matches_pytorch_rule_with_head_multiplier():
+  """optim.name='adamw' (UniMatch V2's optimizer for the DINOv2 DPT) against PyTorch's AdamW written out
+  in NumPy: p *= 1 - lr wd; m, v moments; p -= lr m_hat / (sqrt(v_hat) + eps), per-group poly lr."""
+  cfg = base_config()
+  o = cfg.optim
+  o.name, o.base_lr, o.decoder_lr_mult, o.weight_decay, o.poly_power = "adamw", 5e-3, 40.0, 0.01, 0.9
+  o.betas, o.eps = (0.9, 0.999), 1e-8
+  max_iter = 8
+  rng = np.random.default_rng(1)
+  params = {"backbone": {"pos_embed": rng.normal(size=(1, 5, 3)).astype(np.float32),
+                         "blocks_0": {"qkv": {"kernel": rng.normal(size=(3, 9)).astype(np.float32)}}},
+            "head": {"projects_0": {"bias": rng.normal(size=(4,)).astype(np.float32)},
+                     "rep_fc1": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)}}}
+  grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(4)]
+  tx = schedules.make_optimizer(cfg, max_iter)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))
+  p_jax = params
+  for g in grads:
+    p_jax, state = step(p_jax, state, g)
+
+  def torch_adamw(top, leaf_of):
+    p = leaf_of(params[top]).astype(np.float64)
+    m = v = 0.0
+    b1, b2 = o.betas
+    for i, g in enumerate(grads):
+      g = leaf_of(g[top]).astype(np.float64)
+      lr = o.base_lr * (1.0 if top == "backbone" else o.decoder_lr_mult) * (1 - i / max_iter) ** 0.9
+      p = p * (1 - lr * o.weight_decay)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      m_hat, v_hat = m / (1 - b1 ** (i + 1)), v / (1 - b2 ** (i + 1))
+      p = p - lr * m_hat / (np.sqrt(v_hat) + o.eps)
+    return p
+
+  leaves = {"backbone": [lambda t: t["pos_embed"], lambda t: t["blocks_0"]["qkv"]["kernel"]],
+            "head": [lambda t: t["projects_0"]["bias"], lambda t: t["rep_fc1"]["kernel"]]}
+  for top, getters in leaves.items():
+    for leaf_of in getters:
+      want = torch_adamw(top, leaf_of)
+      # atol: optax computes the bias correction 1 - b2^t in float32 (PyTorch in float64), which is off by
+      # up to ~3e-5 relative at t = 1: that much of a head step (lr 0.2) is 6e-6. Weight decay alone moves
+      # each step by lr x wd x p ~ 2e-3, a backbone lr in the head by ~0.2.
+      np.testing.assert_allclose(np.asarray(leaf_of(p_jax[top])), want, rtol=1e-5, atol=2e-5)
+      # The head's 40x lr moves it further than the backbone's would.
+      assert not np.allclose(want, leaf_of(params[top]), atol=1e-4)
+
+
+def test_dpt_parameter_split_backbone_is_the_vit():
+  """On the DINOv2 DPT's own tree, the backbone group is exactly the ViT (embeddings included) and the
+  DPT head and DGCL's rep head take the multiplied lr, as UniMatch V2's two parameter groups."""
+  from dgcl_jax import config_base, models  # pylint: disable=g-import-not-at-top
+  m = config_base.model_config()
+  m.arch, m.vit, m.num_classes, m.rep_dim = "dpt", "tiny", 3, 8
+  shapes = jax.eval_shape(lambda: models.init_variables(models.build(m), jax.random.PRNGKey(0)))["params"]
+  labels = jax.tree_util.tree_leaves_with_path(schedules.param_labels(shapes))
+  by_group = {}
+  for path, label in labels:
+    by_group.setdefault(label, set()).add(path[0].key)
+  assert by_group == {"backbone": {"backbone"}, "head": {"head"}}
+  backbone = {jax.tree_util.keystr(p) for p, l in labels if l == "backbone"}
+  assert "['backbone']['pos_embed']" in backbone and "['backbone']['cls_token']" in backbone
+  head = {jax.tree_util.keystr(p) for p, l in labels if l == "head"}
+  assert "['head']['rep_fc1']['kernel']" in head and "['head']['output_conv_2']['bias']" in head

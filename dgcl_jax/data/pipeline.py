@@ -88,12 +88,13 @@ def num_unlabeled(config) -> int:
   return len(sources.build_splits(config).unlabeled)
 
 
-def steps_per_epoch(config) -> int:
-  """L = config.steps_per_epoch if > 0, else floor(ceil(n_sup / W) / (batch_size / W))."""
+def steps_per_epoch(config, n_sup: int | None = None) -> int:
+  """L = config.steps_per_epoch if > 0, else floor(ceil(n_sup / W) / (batch_size / W)); n_sup read
+  from the split lists unless given."""
   if int(config.steps_per_epoch) > 0:
     return int(config.steps_per_epoch)
   w = int(config.num_slices)
-  n_sup = num_unlabeled(config)
+  n_sup = num_unlabeled(config) if n_sup is None else int(n_sup)
   steps = math.ceil(n_sup / w) // (int(config.batch_size) // w)
   if steps < 1:
     raise DataError(f"{config.data.unlabeled_list or config.data.name}: {n_sup} unlabeled images give no full "
@@ -245,7 +246,7 @@ class TrainIterator:
     self._config = config
     self._splits = sources.build_splits(config)
     self.n_sup = len(self._splits.unlabeled)
-    self.steps_per_epoch = steps_per_epoch(config)
+    self.steps_per_epoch = steps_per_epoch(config, self.n_sup)   # the lists are read once, above
     self.process_index, self.process_count = process_index, process_count
     self.local_batch = int(config.batch_size) // process_count
     seed = int(config.seed)

@@ -24,6 +24,19 @@ def build(model_config):
   return DeepLabV3Plus(config)
 
 
+def feature_dims(model_config) -> tuple[int, int]:
+  """(fts channels, rep channels) of the network `model_config` builds: what the memory bank stores.
+  DeepLabV3+: (decoder_channels, rep_dim); DPT: (the head's `features`, rep_dim)."""
+  if model_config.get("arch", "deeplabv3plus") == "dpt":
+    return dpt_settings(model_config).features, int(model_config.rep_dim)
+  return int(model_config.decoder_channels), int(model_config.rep_dim)
+
+
+def input_multiple(module) -> int:
+  """What the module's input sides must be a multiple of: 14 (the ViT's patch) for the DPT, else 1."""
+  return 14 if isinstance(module, DPTSegmenter) else 1
+
+
 def init_image_size(module) -> int:
   """A small square side the module accepts: 70 (5 patches of 14) for the ViT, else 64."""
   return 70 if isinstance(module, DPTSegmenter) else 64
@@ -40,5 +53,5 @@ def init_variables(module, rng, image_size: int = None):
 
 
 __all__ = ["ARCHS", "ASPP", "AuxHead", "BatchNorm", "Conv", "ConvBNReLU", "DPTHead", "DPTSegmenter", "Decoder",
-           "DeepLabV3Plus", "Dense", "ResNet", "ViT", "build", "dpt_settings", "init_image_size",
+           "DeepLabV3Plus", "Dense", "ResNet", "ViT", "build", "dpt_settings", "feature_dims", "init_image_size", "input_multiple",
            "init_variables", "stage_plan", "vit_spec"]

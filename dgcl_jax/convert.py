@@ -49,10 +49,20 @@ class ConversionError(ValueError):
   """A state dict or checkpoint that does not fit the model configuration."""
 
 
-def _listing(items, max_listed=_MAX_LISTED):
+def listing(items, max_listed=_MAX_LISTED):
   items = list(items)
   shown = ", ".join(items[:max_listed])
   return shown + (f" (+{len(items) - max_listed} more)" if len(items) > max_listed else "")
+
+
+def key_problems(missing, unexpected) -> list[str]:
+  """The 'missing N keys: ...' and 'unexpected N keys: ...' parts of a conversion error."""
+  problems = []
+  if missing:
+    problems.append(f"missing {len(missing)} keys: {listing(missing)}")
+  if unexpected:
+    problems.append(f"unexpected {len(unexpected)} keys: {listing(unexpected)}")
+  return problems
 
 
 def torch_layout(model_config, full: bool = True):
@@ -223,13 +233,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config):
       converted[path] = _to_flax(array, transform)
   ignored = {"fc.weight", "fc.bias"} if not full else set()
   unexpected = sorted(k for k in sd if k not in used and k not in ignored)
-  problems = list(classes)
-  if missing:
-    problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
+  problems = list(classes) + key_problems(missing, unexpected)
   if wrong:
-    problems.append(f"{len(wrong)} mis-shaped: {_listing(wrong, 3)}")
+    problems.append(f"{len(wrong)} mis-shaped: {listing(wrong, 3)}")
   if problems:
     kind = "full model" if full else "backbone-only"
     hint = _depth_hint(sd, "encoder." if full else "", model_config.depth)
@@ -239,7 +245,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_config):
   expected = {p for p in template if full or p[1] == "backbone"}
   unfilled = sorted("/".join(p) for p in expected - set(converted))
   if unfilled:   # the layout table and the module disagree: a bug here, not in the file
-    raise ConversionError(f"internal: {len(unfilled)} variables not filled: {_listing(unfilled)}")
+    raise ConversionError(f"internal: {len(unfilled)} variables not filled: {listing(unfilled)}")
   return traverse_util.unflatten_dict(converted), full
 
 
@@ -287,11 +293,11 @@ def merge_variables(init_variables, loaded):
       wrong.append(f"{'/'.join(path)} {tuple(np.shape(value))} (expected {tuple(np.shape(init_flat[path]))})")
   problems = []
   if missing:
-    problems.append(f"missing {len(missing)} variables of {'/'.join(sorted(tops))}: {_listing(missing)}")
+    problems.append(f"missing {len(missing)} variables of {'/'.join(sorted(tops))}: {listing(missing)}")
   if unexpected:
-    problems.append(f"unexpected {len(unexpected)} variables: {_listing(unexpected)}")
+    problems.append(f"unexpected {len(unexpected)} variables: {listing(unexpected)}")
   if wrong:
-    problems.append(f"{len(wrong)} mis-shaped: {_listing(wrong, 3)}")
+    problems.append(f"{len(wrong)} mis-shaped: {listing(wrong, 3)}")
   if problems:
     raise ConversionError("pretrained variables do not fit the model: " + "; ".join(problems))
   out = dict(init_flat)

@@ -39,19 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dgcl_jax.convert import ConversionError
+from dgcl_jax.convert import ConversionError, key_problems, listing
 
-_MAX_LISTED = 4
 _DROPPED = (re.compile(r"backbone\.mask_token$"), re.compile(r"head\.scratch\.refinenet4\.resConfUnit1\."))
 _SCRATCH = re.compile(r"^(layer\d_rn|refinenet\d|output_conv_\d)$")
 _INDEXED = re.compile(r"^(blocks|projects|resize_layers|output_conv)_(\d+)$")
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}
 _VIT_DIMS = {48: "tiny", 384: "small", 768: "base", 1024: "large"}
-
-
-def _listing(items, n=_MAX_LISTED):
-  items = list(items)
-  return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def torch_name(path: tuple) -> Optional[tuple]:
@@ -153,13 +147,7 @@ def convert_vit_state_dict(state_dict: Mapping[str, Any], variables):
       continue
     converted[path] = _to_flax(array, transform)
   unexpected = sorted(shown(k) for k in sd if k not in used and not any(p.match(k) for p in _DROPPED))
-  problems = []
-  if wrong:
-    problems.append(_listing(wrong, 2))
-  if missing:
-    problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
+  problems = ([listing(wrong, 2)] if wrong else []) + key_problems(missing, unexpected)
   if problems:
     kind = "UniMatch V2" if unimatch else "DINOv2 release (backbone-only)"
     raise ConversionError(f"cannot convert {kind} state dict ({len(sd)} tensors): " + "; ".join(problems)
@@ -192,7 +180,7 @@ def unimatch_state_dict(checkpoint: Mapping[str, Any], ema: bool = False):
   if entry in checkpoint and isinstance(checkpoint[entry], Mapping):
     return checkpoint[entry]
   if ema:
-    raise ConversionError(f"the checkpoint has no 'model_ema' entry (entries: {_listing(sorted(checkpoint))})")
+    raise ConversionError(f"the checkpoint has no 'model_ema' entry (entries: {listing(sorted(checkpoint))})")
   return checkpoint
 
 
@@ -234,7 +222,7 @@ def load_unimatch_v2(source, variables, ema: bool = False):
   state_dict = unimatch_state_dict(checkpoint, ema)
   if not _clean(state_dict)[1]:
     raise ConversionError("expected a UniMatch V2 model (keys 'backbone.*', 'head.*'), got "
-                          f"{_listing(sorted(state_dict), 3)}: a DINOv2 release checkpoint goes to load_dinov2_backbone")
+                          f"{listing(sorted(state_dict), 3)}: a DINOv2 release checkpoint goes to load_dinov2_backbone")
   return from_torch_vit(state_dict, variables)
 
 

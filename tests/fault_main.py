@@ -5,7 +5,8 @@ disk_full: the checkpoint of step STEP and later ones fail in orbax's background
 data_error: loading the batch of step STEP + 1 raises a DataError, as a file that cannot be read.
 val_error: the evaluation at step STEP raises a DataError, as a validation file that cannot be read.
 slow_commit: on process 0 of a multi-process run, the background commits of the checkpoints of
-  step STEP (latest and best) wait 3 s before their barriers, as on a busier primary host.
+  step STEP (latest and best) wait 3 s before their barriers, as on a busier primary host; every
+  background commit's barriers time out after 60 s (orbax's default: 20 minutes).
 """
 
 import errno
@@ -59,7 +60,7 @@ def main():
     def wait_for_commit(directory, *args, **kwargs):
       if jax.process_index() == 0 and directory.name == str(step):
         time.sleep(3)
-      return original(directory, *args, **kwargs)
+      return original(directory, *args, **dict(kwargs, timeout_secs=min(kwargs["timeout_secs"], 60)))
 
     async_checkpointer._background_wait_for_commit_futures = wait_for_commit  # pylint: disable=protected-access
   else:

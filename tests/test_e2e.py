@@ -56,6 +56,43 @@ def _final_params(workdir):
   return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
+def _assert_same_final_params(reference, workdir, total_steps):
+  """Both runs ended at `total_steps` with bit-identical train states."""
+  step_a, params_a = _final_params(reference)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == total_steps
+  assert params_a.keys() == params_b.keys()
+  for key in params_a:
+    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+
+
+def _kill_at_checkpoint(cmd, env, workdir, step):
+  """Starts `cmd` and kills it (SIGKILL) once a checkpoint of at least `step` exists -> the process."""
+  proc = subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  killed = False
+  while time.time() < deadline and proc.poll() is None:
+    names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+    steps = [int(n) for n in names if n.isdigit()]
+    if steps and max(steps) >= step:
+      proc.send_signal(signal.SIGKILL)
+      killed = True
+      break
+    time.sleep(0.05)
+  proc.wait()
+  assert killed, "the run finished before it could be killed"
+  return proc
+
+
+def _write_images(directory, sizes, seed=0):
+  """Random RGB images {name: (width, height)} in `directory` (created)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  rng = np.random.default_rng(seed)
+  for name, (w, h) in sizes.items():
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(directory / name)
+
+
 # Three epochs of three steps, a checkpoint every step: the dgcl run is also the uninterrupted
 # reference of the kill -9 test.
 RUN = ["--config.num_epochs=3", "--config.checkpoint_every_steps=1"]
@@ -174,31 +211,13 @@ def test_custom_dataset_with_ignore_label_254_trains_exactly_as_with_255(dgcl_ru
 def test_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
   reference, _ = dgcl_run
   workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen(_main_cmd(workdir, "dgcl", RUN), env=env, cwd=_ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  killed = False
-  while time.time() < deadline and proc.poll() is None:
-    names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
-    steps = [int(n) for n in names if n.isdigit()]
-    if steps and max(steps) >= 4:
-      proc.send_signal(signal.SIGKILL)
-      killed = True
-      break
-    time.sleep(0.05)
-  proc.wait()
-  assert killed, "the run finished before it could be killed"
+  proc = _kill_at_checkpoint(_main_cmd(workdir, "dgcl", RUN), env, workdir, 4)
   # The killed run's lock record is still there, naming it; its lock died with it: the rerun starts.
   assert json.loads((workdir / ".lock").read_text())["pid"] == proc.pid
   _run(_main_cmd(workdir, "dgcl", RUN), env)
   assert (workdir / ".lock").read_text() == ""
 
-  step_a, params_a = _final_params(reference)
-  step_b, params_b = _final_params(workdir)
-  assert step_a == step_b == TOTAL_STEPS
-  assert params_a.keys() == params_b.keys()
-  for key in params_a:
-    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+  _assert_same_final_params(reference, workdir, TOTAL_STEPS)
 
 
 def test_a_second_run_on_a_live_workdir_is_refused_and_the_first_is_unaffected(dgcl_run, tmp_path, env):
@@ -235,12 +254,7 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_the_first_is_unaffected(d
   out, _ = first.communicate(timeout=600)
   assert first.returncode == 0, out[-5000:]
   assert len(os.listdir(workdir / "tensorboard")) == 1
-  step_a, params_a = _final_params(reference)
-  step_b, params_b = _final_params(workdir)
-  assert step_a == step_b == TOTAL_STEPS
-  assert params_a.keys() == params_b.keys()
-  for key in params_a:
-    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+  _assert_same_final_params(reference, workdir, TOTAL_STEPS)
   final = lambda w: json.load(open(w / "checkpoints" / str(TOTAL_STEPS) / "meta" / "metadata"))["final"]
   assert final(workdir) == final(reference)
 
@@ -338,10 +352,7 @@ def test_predict_writes_masks_and_overlays(dgcl_run, tmp_path, env):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   workdir, _ = dgcl_run
   images = tmp_path / "images"
-  images.mkdir()
-  rng = np.random.default_rng(0)
-  for name, size in (("a.png", (40, 30)), ("b.jpg", (50, 50))):
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / name)
+  _write_images(images, {"a.png": (40, 30), "b.jpg": (50, 50)})
   out = tmp_path / "out"
   _run([sys.executable, "scripts/predict.py", f"--config={_ROOT}/configs/synthetic.py:dgcl", f"--workdir={workdir}",
         "--checkpoint=latest", f"--input={images}", f"--output={out}", *TINY, *RUN], env)

@@ -5,15 +5,13 @@ compilation cache, as tests/test_e2e.py does for the DeepLabV3+ network."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
-from tests.test_e2e import _check_run, _final_params, _one_error_line, _run
+from tests.test_e2e import (_assert_same_final_params, _check_run, _final_params, _kill_at_checkpoint, _one_error_line,
+                            _run, _write_images)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow   # about 3 minutes of subprocesses on 2 cores (run by default; -m "not slow" skips)
@@ -78,27 +76,10 @@ def test_baseline_methods_on_dpt_run_end_to_end(method, tmp_path, env):
 def test_dpt_kill_9_then_resume_is_bitwise_identical(dgcl_run, tmp_path, env):
   reference, _ = dgcl_run
   workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen(_main_cmd(workdir, "dgcl"), env=env, cwd=_ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  killed = False
-  while time.time() < deadline and proc.poll() is None:
-    names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
-    steps = [int(n) for n in names if n.isdigit()]
-    if steps and max(steps) >= 5:   # inside the semi-supervised epochs, the contrastive term on
-      proc.send_signal(signal.SIGKILL)
-      killed = True
-      break
-    time.sleep(0.05)
-  proc.wait()
-  assert killed, "the run finished before it could be killed"
+  # killed inside the semi-supervised epochs, the contrastive term on
+  _kill_at_checkpoint(_main_cmd(workdir, "dgcl"), env, workdir, 5)
   _run(_main_cmd(workdir, "dgcl"), env)
-  step_a, params_a = _final_params(reference)
-  step_b, params_b = _final_params(workdir)
-  assert step_a == step_b == TOTAL_STEPS
-  assert params_a.keys() == params_b.keys()
-  for key in params_a:
-    np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=key)
+  _assert_same_final_params(reference, workdir, TOTAL_STEPS)
 
 
 @pytest.mark.parametrize("mode", ["sliding", "center"])
@@ -108,10 +89,7 @@ def test_predict_on_a_dpt_run_any_image_size(mode, dgcl_run, tmp_path, env):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   workdir, _ = dgcl_run
   images = tmp_path / "images"
-  images.mkdir()
-  rng = np.random.default_rng(0)
-  for name, size in (("a.png", (40, 30)), ("b.jpg", (61, 50))):
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / name)
+  _write_images(images, {"a.png": (40, 30), "b.jpg": (61, 50)})
   out = tmp_path / "out"
   _run([sys.executable, "scripts/predict.py", f"--workdir={workdir}", "--checkpoint=latest", f"--mode={mode}",
         f"--input={images}", f"--output={out}"], env)

@@ -90,6 +90,19 @@ def _output(log):
   return log.read()
 
 
+def _watch(procs, done, timeout=300):
+  """Waits for done(); fails at once where a process stopped with an error or printed its `error:`
+  line (it may then wait for the others at jax's shutdown barrier)."""
+  deadline = time.time() + timeout
+  while not done():
+    for i, (proc, log) in enumerate(procs):
+      out = _output(log)
+      stopped = proc.poll() is not None and proc.returncode != 0
+      assert not stopped and not re.search(r"^error: ", out, re.M), f"process {i}:\n{out[-3000:]}"
+    assert time.time() < deadline, f"not done after {timeout} s"
+    time.sleep(0.1)
+
+
 def _stop(procs):
   for proc, log in procs:
     if proc.poll() is None:
@@ -115,21 +128,14 @@ def test_two_process_training_saves_latest_and_best_of_one_step_then_resumes(tmp
   # Evaluations at steps 2, 4 and 6; the first one is always a new best.
   procs = _start_two([sys.executable, "tests/fault_main.py", "slow_commit", "2", *flags], env, workdir, "first")
   try:
-    deadline = time.time() + 300
-    while not ((workdir / "checkpoints" / "3").is_dir() and (workdir / "checkpoints" / "best" / "2").is_dir()):
-      failed = [(proc.returncode, _output(log)) for proc, log in procs if proc.poll() is not None]
-      assert not failed, f"a process stopped before step 3 was saved: {failed[0][0]}\n{failed[0][1][-3000:]}"
-      assert time.time() < deadline, "no checkpoint of step 3 after 300 s"
-      time.sleep(0.05)
+    _watch(procs, lambda: all((workdir / "checkpoints" / d).is_dir() for d in ("3", "best/2")))
     assert all(proc.poll() is None for proc, _ in procs), "the run finished before it could be killed"
   finally:
     _stop(procs)
 
   procs = _start_two([sys.executable, "-m", "dgcl_jax.main", *flags], env, workdir, "resumed")
   try:
-    for proc, log in procs:
-      proc.wait(timeout=300)
-      assert proc.returncode == 0, _output(log)[-3000:]
+    _watch(procs, lambda: all(proc.poll() == 0 for proc, _ in procs))
     outs = [_output(log) for _, log in procs]
   finally:
     _stop(procs)

@@ -25,6 +25,16 @@ def _params(rng):
   }
 
 
+def _optimize(cfg, max_iter, params, grads):
+  """params after schedules.make_optimizer's steps with `grads`, one jitted update each."""
+  tx = schedules.make_optimizer(cfg, max_iter)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))
+  for g in grads:
+    params, state = step(params, state, g)
+  return params
+
+
 def test_sgd_matches_pytorch_rule_with_decoder_multiplier():
   cfg = base_config()
   cfg.optim.base_lr, cfg.optim.decoder_lr_mult = 0.01, 10.0
@@ -34,12 +44,7 @@ def test_sgd_matches_pytorch_rule_with_decoder_multiplier():
   params = _params(rng)
   grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
            for _ in range(3)]
-  tx = schedules.make_optimizer(cfg, max_iter)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))
-  p_jax = params
-  for g in grads:
-    p_jax, state = step(p_jax, state, g)
+  p_jax = _optimize(cfg, max_iter, params, grads)
 
   # PyTorch SGD, one param group per lr: d = g + wd p; buf = d (first) / m buf + d; p -= lr buf.
   def torch_sgd(name, path):
@@ -127,12 +132,7 @@ def test_adamw_matches_pytorch_rule_with_head_multiplier():
             "head": {"projects_0": {"bias": rng.normal(size=(4,)).astype(np.float32)},
                      "rep_fc1": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)}}}
   grads = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(4)]
-  tx = schedules.make_optimizer(cfg, max_iter)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))
-  p_jax = params
-  for g in grads:
-    p_jax, state = step(p_jax, state, g)
+  p_jax = _optimize(cfg, max_iter, params, grads)
 
   def torch_adamw(top, leaf_of):
     p = leaf_of(params[top]).astype(np.float64)

@@ -55,6 +55,12 @@ def listing(items, max_listed=_MAX_LISTED):
   return shown + (f" (+{len(items) - max_listed} more)" if len(items) > max_listed else "")
 
 
+def place_like(value, like):
+  """`value` as an array of `like`'s dtype, on `like`'s devices and sharding when it is a jax.Array."""
+  value = jnp.asarray(value, dtype=like.dtype)
+  return jax.device_put(value, like.sharding) if isinstance(like, jax.Array) else value
+
+
 def key_problems(missing, unexpected) -> list[str]:
   """The 'missing N keys: ...' and 'unexpected N keys: ...' parts of a conversion error."""
   problems = []
@@ -302,11 +308,7 @@ def merge_variables(init_variables, loaded):
     raise ConversionError("pretrained variables do not fit the model: " + "; ".join(problems))
   out = dict(init_flat)
   for path, value in new_flat.items():
-    old = init_flat[path]
-    value = jnp.asarray(value, dtype=old.dtype)
-    if isinstance(old, jax.Array):
-      value = jax.device_put(value, old.sharding)
-    out[path] = value
+    out[path] = place_like(value, init_flat[path])
   return traverse_util.unflatten_dict(out)
 
 

@@ -34,12 +34,10 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dgcl_jax.convert import ConversionError, key_problems, listing
+from dgcl_jax.convert import ConversionError, key_problems, listing, place_like
 
 _DROPPED = (re.compile(r"backbone\.mask_token$"), re.compile(r"head\.scratch\.refinenet4\.resConfUnit1\."))
 _SCRATCH = re.compile(r"^(layer\d_rn|refinenet\d|output_conv_\d)$")
@@ -163,11 +161,7 @@ def from_torch_vit(state_dict: Mapping[str, Any], variables):
   converted, _ = convert_vit_state_dict(state_dict, variables)
   params = traverse_util.flatten_dict(_plain(variables["params"]))
   for path, value in converted.items():
-    old = params[path]
-    new = jnp.asarray(value, dtype=old.dtype)
-    if isinstance(old, jax.Array):
-      new = jax.device_put(new, old.sharding)
-    params[path] = new
+    params[path] = place_like(value, params[path])
   out = dict(_plain(variables))
   out["params"] = traverse_util.unflatten_dict(params)
   return out

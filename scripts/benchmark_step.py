@@ -173,7 +173,7 @@ def example_batch(config, rng):
   p = transforms.TransformParams.from_config(config)
   k, b = int(config.model.num_classes), int(config.batch_size)
   h, w = tuple(config.data.max_image_size) or (3 * p.crop_size // 4,) * 2
-  window_hw = transforms.window_size(p, config.data.max_image_size)
+  window_hw = transforms.window_size(p, (h, w))
   label_type = transforms.label_dtype(k, p.ignore_label)
   rows = {"labeled": [], "unlabeled": []}
   for i in range(2 * b):
@@ -229,11 +229,9 @@ def _run(args, dump_dir):
   for assignment in args.set:
     _set(config, assignment)
   config.steps_per_epoch = 1000
-  if not config.data.max_image_size:
-    config.data.max_image_size = (3 * config.data.crop_size // 4,) * 2
   parts = state_lib.Parts.create(config, steps_per_epoch=1000)
   fns = StepFunctions(parts, runtime.make_mesh())
-  b, crop, k = config.batch_size, config.data.crop_size, config.model.num_classes
+  b, crop = config.batch_size, config.data.crop_size
   header = (f"config: {args.config} method={config.method} batch={b}+{b} crop={crop} dtype={config.model.dtype} "
             f"remat={config.model.get('remat', False)} semi={args.semi} full_bank={args.full_bank}")
 
